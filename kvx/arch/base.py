@@ -1,0 +1,133 @@
+"""What kvx needs to know about a base family, in one place per family.
+
+Method code (convert/, profile/) asks the adapter, never ``isinstance(model, Llama...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..plan import CacheGeometry
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's attention projections, as float tensors ``[out, in]`` (biases may be None)."""
+
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+
+
+class ArchAdapter:
+    """Default behaviour: a Llama-style decoder (``model.model.layers[i].self_attn``)."""
+
+    family: str = "llama"
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, config):
+        self.config = config
+
+    # -- geometry
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return False
+
+    def geometry(self) -> CacheGeometry:
+        return CacheGeometry(
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            k_norm=self.has_qk_norm,
+            sliding_window=getattr(self.config, "sliding_window", None),
+            layer_types=tuple(getattr(self.config, "layer_types", None) or ()),
+        )
+
+    def check_supported(self) -> None:
+        """Raise ``KvxError`` for configurations the converters cannot honour."""
+        from ..errors import KvxError
+
+        rope_params = getattr(self.config, "rope_parameters", None) or {}
+        factor = rope_params.get("partial_rotary_factor", getattr(self.config, "partial_rotary_factor", 1.0))
+        if factor not in (None, 1.0):
+            raise KvxError(f"{self.family}: partial rotary embeddings (factor {factor}) are not supported yet")
+        if self.head_dim % 2:
+            raise KvxError(f"{self.family}: odd head_dim {self.head_dim}")
+
+    # -- modules
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def attention(self, model: nn.Module, idx: int) -> nn.Module:
+        return self.decoder_layers(model)[idx].self_attn
+
+    def attention_weights(self, attn: nn.Module) -> AttentionWeights:
+        def b(lin):
+            return None if lin.bias is None else lin.bias.detach().float()
+
+        return AttentionWeights(
+            attn.q_proj.weight.detach().float(),
+            attn.k_proj.weight.detach().float(),
+            attn.v_proj.weight.detach().float(),
+            b(attn.q_proj),
+            b(attn.k_proj),
+            b(attn.v_proj),
+        )
+
+    def q_norm(self, attn: nn.Module) -> nn.Module | None:
+        """The per-head query norm applied before RoPE, if the family has one."""
+        return None
+
+    def k_norm(self, attn: nn.Module) -> nn.Module | None:
+        """The per-head key norm applied before RoPE, if the family has one."""
+        return None
+
+    def k_norm_weight(self, attn: nn.Module) -> torch.Tensor | None:
+        """The effective per-dim gain of the per-head key RMS norm (None: no key norm)."""
+        return None
+
+    def k_norm_eps(self) -> float | None:
+        return None
+
+
+class QKNormAdapter(ArchAdapter):
+    """Families that RMS-normalise q and k per head before RoPE (Qwen3, Gemma3)."""
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return True
+
+    def q_norm(self, attn):
+        return attn.q_norm
+
+    def k_norm(self, attn):
+        return attn.k_norm
+
+    def k_norm_weight(self, attn):
+        return attn.k_norm.weight.detach().float()
+
+    def k_norm_eps(self) -> float:
+        return float(self.config.rms_norm_eps)

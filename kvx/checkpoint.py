@@ -1,0 +1,82 @@
+"""Write a converted model as a checkpoint users can load anywhere, all or nothing.
+
+Everything goes to a temporary folder beside OUT and is renamed into place at the end,
+so an interrupted run never leaves a half-written checkpoint at OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import KvxError
+from .modeling import modeling_kvx
+
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_kvx.KvxForCausalLM"}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work if OUT cannot be written."""
+    if out.exists() and not overwrite:
+        raise KvxError(f"output {out} already exists (pass --overwrite to replace it)")
+    parent = out.resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise KvxError(f"cannot write into {parent}")
+
+
+def _ensure_index(folder: Path) -> None:
+    """transformers writes an index only when it shards; kvx always ships one."""
+    if (folder / INDEX_NAME).exists():
+        return
+    from safetensors import safe_open
+
+    single = folder / "model.safetensors"
+    shard = folder / "model-00001-of-00001.safetensors"
+    single.rename(shard)
+    with safe_open(shard, "pt") as f:
+        names = list(f.keys())
+        total = sum(f.get_tensor(n).nbytes for n in names)
+    index = {"metadata": {"total_size": total}, "weight_map": {n: shard.name for n in names}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    out: str | Path,
+    card: Callable[[Path], str],
+    overwrite: bool = False,
+    max_shard_size: str = "200MB",
+) -> Path:
+    """Save model + tokenizer + shipped runtime + model card (``card(folder)`` returns its text)."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if getattr(model.config, "kvx", None):
+            model.config.auto_map = dict(AUTO_MAP)
+            model.config.architectures = ["KvxForCausalLM"]
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        _ensure_index(tmp)
+        tokenizer.save_pretrained(tmp)
+        if getattr(model.config, "kvx", None):
+            shutil.copy(modeling_kvx.__file__, tmp / "modeling_kvx.py")
+        (tmp / "README.md").write_text(card(tmp))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

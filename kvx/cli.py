@@ -1,0 +1,171 @@
+"""The ``kvx`` command: parse, call one library function, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import KvxError
+from .loading import DEFAULT_MODEL
+
+app = typer.Typer(
+    help="kvx: upcycle a pretrained causal LM into one with a much smaller KV cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ModelArg = Annotated[
+    str, typer.Argument(help=f"Local folder, Hub id, .gguf file or built-in alias ({DEFAULT_MODEL}).")
+]
+DataOpt = Annotated[str, typer.Option(help="Text: 'bundled', a file/folder, or hf:NAME[:CONFIG][:SPLIT].")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _progress():
+    """A rich progress display handed to library functions as ``progress(desc, total) -> advance``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bars:
+
+        def start(description: str, total: int):
+            task = bars.add_task(description, total=total)
+            if not console.is_terminal:
+                console.print(f"{description} ...", highlight=False)
+            return lambda n: bars.advance(task, n)
+
+        yield start
+
+
+def _run(fn, *args, **kwargs):
+    """Call a library function; user errors become one red line and exit code 2."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return fn(*args, **kwargs)
+    except KvxError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written")
+
+
+@app.command()
+def convert(
+    model: ModelArg = DEFAULT_MODEL,
+    to: Annotated[str, typer.Option("--to", help="Target attention: 'mla'.")] = "mla",
+    out: Annotated[str, typer.Option("-o", "--out", help="Output checkpoint folder.")] = "",
+    kv_rank: Annotated[str, typer.Option(help="Latent floats per token and layer, or 'full' (lossless).")] = "full",
+    rope_dims: Annotated[
+        str, typer.Option(help="RoPE key floats per token and layer (all KV heads together), or 'all'.")
+    ] = "all",
+    rope_select: Annotated[
+        str | None, typer.Option(help="Which frequency pairs to keep: 2norm (default with calibration), high, low, uniform.")
+    ] = None,
+    calib: Annotated[str, typer.Option(help="Calibration text (as --data), or 'none' for weights-only SVD.")] = "bundled",
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 16384,
+    layers: Annotated[str | None, typer.Option(help="Layers to convert, e.g. '0-9,20' (default all).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Convert MODEL's attention layers (MLA: SVD/PCA-initialised latent attention)."""
+    from .pipeline import convert_to_mla
+
+    if to != "mla":
+        _fail(f"--to {to!r} is not implemented yet (available: mla)")
+    if not out:
+        _fail("missing -o/--out: where to write the converted checkpoint")
+    with _progress() as progress:
+        result = _run(
+            convert_to_mla,
+            model,
+            out,
+            kv_rank=kv_rank,
+            rope_dims=rope_dims,
+            rope_select=rope_select,
+            calib=calib,
+            calib_tokens=calib_tokens,
+            layers=layers,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    kv = result["kv"]
+    table = Table(title=f"kvx convert -> {result['out']}")
+    for col in ("plan", "KV bytes/token (base)", "KV bytes/token (measured)", "KV bytes/token (plan)", "KV ratio"):
+        table.add_column(col)
+    table.add_row(
+        result["plan"].summary(),
+        f"{kv['baseline']:.0f}",
+        f"{kv['measured']:.0f}",
+        f"{kv['spec']:.0f}",
+        f"{kv['baseline'] / kv['measured']:.2f}x",
+    )
+    Console().print(table)
+
+
+@app.command("eval")
+def eval_(
+    model: ModelArg = DEFAULT_MODEL,
+    baseline: Annotated[str | None, typer.Option(help="Model to compare against (same data, same windows).")] = None,
+    data: DataOpt = "bundled",
+    max_tokens: Annotated[int, typer.Option(help="Evaluation tokens.")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Window length (tokens).")] = 512,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+):
+    """Perplexity and KV-cache bytes per token (from the plan and measured), optionally vs a baseline."""
+    from .pipeline import evaluate
+
+    with _progress() as progress:
+        result = _run(evaluate, model, baseline, data, max_tokens, seq_len, progress=progress)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"kvx eval on {data} ({result['model']['tokens']} tokens, windows of {seq_len})")
+    for col in ("model", "perplexity", "KV bytes/token (measured)", "KV bytes/token (plan)"):
+        table.add_column(col)
+    for key in ("baseline", "model"):
+        if key in result:
+            r = result[key]
+            table.add_row(r["name"], f"{r['ppl']:.3f}", f"{r['kv_bytes_per_token']:.0f}", f"{r['kv_bytes_per_token_spec']:.0f}")
+    Console().print(table)
+    if "kv_ratio" in result:
+        Console().print(f"KV ratio (baseline / model): {result['kv_ratio']:.2f}x   ppl ratio (model / baseline): {result['ppl_ratio']:.3f}")
+
+
+def _not_yet(name: str):
+    def command(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None):
+        _fail(f"'kvx {name}' is not implemented yet")
+
+    command.__doc__ = {
+        "profile": "Profile every layer (lazy ratio, KV spectrum, RoPE contribution, ...) and suggest a plan. (not implemented yet)",
+        "distill": "Heal a converted model with a short teacher distillation. (not implemented yet)",
+        "push": "Push a checkpoint and its model card to the Hub. (not implemented yet)",
+        "run": "Run a whole recipe: profile, convert, distill, eval. (not implemented yet)",
+    }[name]
+    return command
+
+
+for _name in ("profile", "distill", "push", "run"):
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_yet(_name))
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

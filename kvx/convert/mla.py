@@ -1,0 +1,180 @@
+"""MLA upcycling as a pure weight transform: one layer's K/V weights (+ statistics) in, MLA weights out.
+
+Order of operations (see METHODS.md, MLA section):
+1. choose the RoPE frequency pairs each KV head keeps (2-norm score, or a fixed rule);
+2. the kept dims become ``k_rope_proj``; the rest of K (NoPE) and all of V are factored
+   jointly into ``kv_a_proj`` (down to the latent) and ``kv_b_proj`` (up), after scaling
+   K so that K and V carry comparable energy (TransMLA's BKV balancing);
+3. activation-aware: the factorisation is the PCA of the real ``[K_nope; V]`` outputs
+   under the calibration input covariance; weights-only: the SVD of the weights (the same
+   computation with an identity covariance).
+At full rank the factorisation is exact, so the converted layer equals the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KvxError
+
+ROPE_SELECTIONS = ("2norm", "high", "low", "uniform")
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one attention layer's input (running sums, never activations)."""
+
+    xx: torch.Tensor  # sum of x x^T, [hidden, hidden], float64
+    n_tokens: int
+    pair_score: torch.Tensor | None  # sum over tokens of ||q_pair|| * ||k_pair||, [n_kv, head_dim/2]
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.xx / max(self.n_tokens, 1)
+
+
+@dataclass
+class MLAWeights:
+    kv_a: torch.Tensor  # [r, hidden]
+    kv_b: torch.Tensor  # [n_kv*(nope + hd), r]
+    kv_b_bias: torch.Tensor | None
+    k_rope: torch.Tensor  # [n_kv*2m, hidden]
+    k_rope_bias: torch.Tensor | None
+    rope_pairs: torch.Tensor  # [n_kv, m] long
+    energy_kept: float  # share of [K_nope; V] output energy the latent keeps (calibration or weights)
+
+
+def full_rank(n_kv: int, head_dim: int, rope_dims: int, hidden: int) -> int:
+    """The latent width at which the factorisation is exact for these dims."""
+    return min(n_kv * (2 * head_dim) - rope_dims, hidden)
+
+
+def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hidden: int) -> None:
+    """Refuse sizes that cannot be honoured exactly, with the reason in one line."""
+    if rope_dims < 0 or rope_dims % (2 * n_kv):
+        raise KvxError(
+            f"--rope-dims {rope_dims} must be a multiple of 2 x {n_kv} KV heads = {2 * n_kv} "
+            "(each KV head keeps whole frequency pairs)"
+        )
+    if rope_dims > n_kv * head_dim:
+        raise KvxError(f"--rope-dims {rope_dims} exceeds all RoPE dims ({n_kv} KV heads x {head_dim} = {n_kv * head_dim})")
+    full = full_rank(n_kv, head_dim, rope_dims, hidden)
+    if kv_rank < 1 or kv_rank > full:
+        raise KvxError(f"--kv-rank {kv_rank} is out of range: it must be between 1 and {full} (full rank here)")
+
+
+def select_pairs(
+    method: str, n_kv: int, head_dim: int, m: int, pair_score: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Which ``m`` frequency pairs each KV head keeps, sorted, as ``[n_kv, m]``.
+
+    Pair ``p`` pairs dims ``p`` and ``p + head_dim/2`` and rotates with the ``p``-th
+    frequency; frequencies fall with ``p``, so ``high`` keeps the first pairs.
+    """
+    half = head_dim // 2
+    if method == "2norm":
+        if pair_score is None:
+            raise KvxError("--rope-select 2norm needs calibration data (use --calib, or another --rope-select)")
+        idx = pair_score.topk(m, dim=-1).indices if m else torch.zeros(n_kv, 0, dtype=torch.long)
+        return idx.sort(dim=-1).values.long()
+    if method == "high":
+        one = torch.arange(m)
+    elif method == "low":
+        one = torch.arange(half - m, half)
+    elif method == "uniform":
+        one = torch.linspace(0, half - 1, m).round().long() if m else torch.zeros(0, dtype=torch.long)
+        if one.unique().numel() != m:
+            raise KvxError(f"uniform selection of {m} pairs out of {half} is ambiguous")
+    else:
+        raise KvxError(f"unknown --rope-select {method!r} (choose from {', '.join(ROPE_SELECTIONS)})")
+    return one.long().expand(n_kv, m).clone()
+
+
+def _split_k(wk: torch.Tensor, n_kv: int, head_dim: int, pairs: torch.Tensor):
+    """Rows of K per head -> (RoPE rows [n_kv*2m, ...] in x1|x2 order, NoPE rows, NoPE row index)."""
+    half = head_dim // 2
+    rope_rows, nope_rows = [], []
+    for g in range(n_kv):
+        base = g * head_dim
+        sel = torch.cat([pairs[g], pairs[g] + half])
+        keep = torch.ones(head_dim, dtype=torch.bool)
+        keep[sel] = False
+        rope_rows.append(base + sel)
+        nope_rows.append(base + keep.nonzero()[:, 0])
+    return torch.cat(rope_rows), torch.cat(nope_rows)
+
+
+def joint_lowrank(m: torch.Tensor, cov: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factor ``m`` [rows, hidden] as ``up @ down`` with ``down`` of ``rank`` rows.
+
+    ``up`` is the top principal directions of the outputs ``m x`` under input covariance
+    ``cov`` (identity: weights-only SVD). Returns (up, down, kept energy share).
+    """
+    m64 = m.double()
+    out_cov = m64 @ m64.T if cov is None else m64 @ cov.double() @ m64.T
+    evals, evecs = torch.linalg.eigh(out_cov)
+    order = evals.argsort(descending=True)
+    evals, evecs = evals[order].clamp_min(0), evecs[:, order]
+    u = evecs[:, :rank]
+    kept = float(evals[:rank].sum() / evals.sum().clamp_min(1e-30))
+    return u, u.T @ m64, kept
+
+
+def convert_layer_to_mla(
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    bk: torch.Tensor | None,
+    bv: torch.Tensor | None,
+    *,
+    n_kv: int,
+    head_dim: int,
+    kv_rank: int,
+    rope_dims: int,
+    rope_select: str,
+    stats: LayerStats | None,
+    k_gain: torch.Tensor | None = None,
+) -> MLAWeights:
+    """One layer's MLA weights. ``k_gain``: effective per-dim gain of a per-head key norm (folded in).
+
+    With ``stats`` the factorisation is activation-aware; without, weights-only.
+    """
+    hidden = wk.shape[1]
+    validate_mla_dims(kv_rank, rope_dims, n_kv, head_dim, hidden)
+    m = rope_dims // (2 * n_kv)
+    pairs = select_pairs(rope_select, n_kv, head_dim, m, stats.pair_score if stats is not None else None)
+    wk, bk = wk.double(), None if bk is None else bk.double()
+    if k_gain is not None:  # (w * (W x + b)) * s == ((w W) x + w b) * s: the norm's gain is linear
+        gain = k_gain.double().repeat(n_kv)
+        wk = wk * gain[:, None]
+        bk = None if bk is None else bk * gain
+    rope_rows, nope_rows = _split_k(wk, n_kv, head_dim, pairs)
+    wk_nope, wv = wk[nope_rows], wv.double()
+    cov = stats.covariance.double() if stats is not None else None
+
+    # Balance: scale K_nope so it carries as much output energy as V, then factor jointly.
+    def energy(w):
+        return float((w @ cov * w).sum()) if cov is not None else float((w * w).sum())
+
+    e_k, e_v = energy(wk_nope), energy(wv)
+    alpha = (e_v / e_k) ** 0.5 if e_k > 0 and e_v > 0 else 1.0
+    joint = torch.cat([wk_nope * alpha, wv])
+    exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden)
+    up, down, kept = joint_lowrank(joint, None if exact else cov, kv_rank)
+    up = up.clone()
+    up[: wk_nope.shape[0]] /= alpha
+
+    bias = None
+    if bk is not None or bv is not None:
+        zeros_k = torch.zeros(n_kv * head_dim, dtype=torch.float64)
+        bias = torch.cat([(bk if bk is not None else zeros_k)[nope_rows], bv.double() if bv is not None else zeros_k])
+    return MLAWeights(
+        kv_a=down.float(),
+        kv_b=up.float(),
+        kv_b_bias=None if bias is None else bias.float(),
+        k_rope=wk[rope_rows].float(),
+        k_rope_bias=None if bk is None else bk[rope_rows].float(),
+        rope_pairs=pairs,
+        energy_kept=kept,
+    )

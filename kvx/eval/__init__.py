@@ -1,0 +1,43 @@
+"""Evaluation: perplexity and KV-cache bytes, for a model and optionally its baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..data import token_windows
+from .kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from .perplexity import perplexity
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    data: str = "bundled",
+    max_tokens: int = 8192,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Perplexity on DATA's eval part and KV bytes per token (spec and measured) at ``seq_len`` tokens."""
+    windows = token_windows(tokenizer, data, "eval", max_tokens, seq_len)
+    return {
+        "ppl": perplexity(model, windows, batch_size, on_batch),
+        "kv_bytes_per_token": kv_bytes_per_token(model, windows[:1]),
+        "kv_bytes_per_token_spec": kv_bytes_per_token_spec(model, seq_len),
+        "tokens": int(windows.numel()),
+        "seq_len": seq_len,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def compare(model_row: dict, baseline_row: dict | None) -> dict:
+    """The ``kvx eval --json`` object: rows plus ratios (kv: baseline/model, ppl: model/baseline)."""
+    out = {"model": model_row}
+    if baseline_row is not None:
+        out["baseline"] = baseline_row
+        out["kv_ratio"] = baseline_row["kv_bytes_per_token"] / model_row["kv_bytes_per_token"]
+        out["ppl_ratio"] = model_row["ppl"] / baseline_row["ppl"]
+    return out
+
+
+__all__ = ["compare", "evaluate_model", "kv_bytes_per_token", "kv_bytes_per_token_spec", "perplexity"]

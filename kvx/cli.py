@@ -31,7 +31,7 @@ DataOpt = Annotated[str, typer.Option(help="Text: 'bundled', a file/folder, or h
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -1,0 +1,111 @@
+"""The command line as a user meets it: bad input fails fast, in one line, and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def kvx(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "kvx.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_help_lists_every_command():
+    proc = kvx("--help")
+    assert proc.returncode == 0
+    for command in ("profile", "convert", "distill", "eval", "push", "run"):
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["profile", "distill", "push", "run"])
+def test_unbuilt_commands_say_so(command):
+    assert_one_line_error(kvx(command, "x"), "not implemented yet")
+
+
+def test_missing_model_path(tmp_path):
+    out = tmp_path / "out"
+    proc = kvx("convert", str(tmp_path / "no-such-model"), "--to", "mla", "-o", str(out))
+    assert_one_line_error(proc, "not found")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--kv-rank", "100000"], "--kv-rank 100000 is out of range"),
+        (["--kv-rank", "0"], "out of range"),
+        (["--rope-dims", "3"], "--rope-dims 3 must be a multiple of"),
+        (["--rope-dims", "10000"], "exceeds all RoPE dims"),
+        (["--rope-select", "sideways"], "unknown --rope-select"),
+        (["--calib", "none", "--rope-select", "2norm"], "needs calibration data"),
+        (["--layers", "7"], "outside 0..2"),
+        (["--to", "lckv"], "not implemented yet"),
+    ],
+)
+def test_impossible_options(tiny_dir, tmp_path, args, fragment):
+    out = tmp_path / "out"
+    assert_one_line_error(kvx("convert", str(tiny_dir("llama")), "-o", str(out), *args), fragment)
+    assert not out.exists()
+
+
+def test_unsupported_family(tmp_path):
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(src)
+    out = tmp_path / "out"
+    assert_one_line_error(kvx("convert", str(src), "-o", str(out)), "'gpt2' is not supported", "llama")
+    assert not out.exists()
+
+
+def test_failure_mid_run_leaves_nothing(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    before = set(os.listdir(tmp_path))
+    proc = kvx("convert", str(tiny_dir("llama")), "-o", str(out), "--calib", str(tmp_path / "missing.txt"))
+    assert_one_line_error(proc, "data not found")
+    assert set(os.listdir(tmp_path)) - before == {"tiny-llama"}
+
+
+def test_existing_output_needs_overwrite(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_one_line_error(kvx("convert", str(tiny_dir("llama")), "-o", str(out)), "already exists")
+
+
+def test_hub_id_offline_names_the_switch(tmp_path):
+    proc = kvx("eval", "someone/some-model", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, "HF_HUB_OFFLINE")
+
+
+def test_convert_then_eval_json(tiny_dir, tmp_path):
+    src, out = tiny_dir("qwen2"), tmp_path / "out"
+    proc = kvx("convert", str(src), "-o", str(out), "--kv-rank", "16", "--rope-dims", "8", "--calib-tokens", "1024")
+    assert proc.returncode == 0, proc.stderr
+    proc = kvx("eval", str(out), "--baseline", str(src), "--max-tokens", "512", "--seq-len", "128", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {"model", "baseline", "kv_ratio", "ppl_ratio"}
+    for row in (result["model"], result["baseline"]):
+        assert row["kv_bytes_per_token"] == row["kv_bytes_per_token_spec"]
+        assert row["ppl"] > 1
+    # qwen2 tiny: 2 KV heads x 16 dims x (K and V) = 64 floats; MLA: 16 latent + 8 RoPE = 24 floats
+    assert result["kv_ratio"] == pytest.approx(64 / 24)
+    assert result["ppl_ratio"] == pytest.approx(result["model"]["ppl"] / result["baseline"]["ppl"])

@@ -1,0 +1,97 @@
+"""The bundled SmolLM2-135M-Instruct: lossless conversion, identical generation, loading without kvx."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+import kvx
+from kvx.data import token_windows
+from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from kvx.pipeline import convert_to_mla
+
+pytestmark = pytest.mark.real
+
+# Runs in a fresh interpreter where `import kvx` fails, as on a user's machine without kvx.
+RELOAD_WITHOUT_KVX = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class NoKvx(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "kvx" or name.startswith("kvx."):
+                raise ImportError("kvx is not installed here")
+    sys.meta_path.insert(0, NoKvx())
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        logits = model(ids).logits
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    print(json.dumps({
+        "kvx_imported": "kvx" in sys.modules,
+        "attention": type(model.model.layers[0].self_attn).__name__,
+        "cache_layer": type(out.past_key_values.layers[0]).__name__,
+        "tokens": out.sequences[0].tolist(),
+        "logits": logits[0, -1, :8].tolist(),
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, smollm2_dir):
+    out = tmp_path_factory.mktemp("smol") / "mla-full"
+    convert_to_mla("smollm2-135m", out, kv_rank="full", rope_dims="all", calib_tokens=2048, calib_seq_len=256)
+    return out
+
+
+def test_full_rank_conversion_is_lossless_and_generates_the_same(converted, smollm2_dir, tokenizer):
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    conv = kvx.load(str(converted))
+    ids = token_windows(tokenizer, "bundled", "eval", 256, 128)
+    with torch.no_grad():
+        assert_close(conv(ids).logits, base(ids).logits, atol=1e-4, rtol=0)
+    prompt = tokenizer("The kingdom of heaven is like", return_tensors="pt").input_ids
+    a = base.generate(prompt, max_new_tokens=20, do_sample=False)
+    b = conv.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert torch.equal(a, b)
+    one = ids[:1]
+    assert kv_bytes_per_token(conv, one) == kv_bytes_per_token_spec(conv, one.shape[-1]) == kv_bytes_per_token(base, one)
+
+
+def test_checkpoint_files_and_reload_without_kvx(converted, tokenizer):
+    files = {p.name for p in Path(converted).iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "modeling_kvx.py", "README.md"} <= files
+    assert "tokenizer.json" in files
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) <= files
+    config = json.loads((converted / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_kvx.KvxForCausalLM"
+    assert len(config["kvx"]["layers"]) == 30 and config["kvx"]["layers"][0]["kind"] == "mla"
+    assert "bytes/token" in (converted / "README.md").read_text()
+
+    ids = tokenizer("In the beginning was the Word", return_tensors="pt").input_ids
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD_WITHOUT_KVX, str(converted), json.dumps(ids.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["kvx_imported"] is False
+    assert got["attention"] == "MLAAttention" and got["cache_layer"] == "MLACacheLayer"
+    local = kvx.load(str(converted))
+    with torch.no_grad():
+        logits = local(ids).logits[0, -1, :8]
+    assert_close(torch.tensor(got["logits"]), logits, atol=1e-4, rtol=0)
+    assert got["tokens"] == local.generate(ids, max_new_tokens=6, do_sample=False)[0].tolist()

@@ -78,7 +78,7 @@ def collect_stats(
     try:
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(model.device)
-            model(input_ids=batch, use_cache=False)
+            model.get_decoder()(input_ids=batch, use_cache=False)  # hooks see all; logits are not needed
             if on_batch:
                 on_batch(batch.numel())
     finally:

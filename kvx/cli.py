@@ -65,6 +65,26 @@ def _run(fn, *args, **kwargs):
         _fail("interrupted; nothing was written")
 
 
+def _not_yet(name: str):
+    def command(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None):
+        _fail(f"'kvx {name}' is not implemented yet")
+
+    command.__doc__ = {
+        "profile": "Profile every layer (lazy ratio, KV spectrum, RoPE contribution, ...) and suggest a plan. (not implemented yet)",
+        "distill": "Heal a converted model with a short teacher distillation. (not implemented yet)",
+        "push": "Push a checkpoint and its model card to the Hub. (not implemented yet)",
+        "run": "Run a whole recipe: profile, convert, distill, eval. (not implemented yet)",
+    }[name]
+    return command
+
+
+def _register_stub(name: str) -> None:
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_yet(name))
+
+
+_register_stub("profile")
+
+
 @app.command()
 def convert(
     model: ModelArg = DEFAULT_MODEL,
@@ -117,6 +137,9 @@ def convert(
     Console().print(table)
 
 
+_register_stub("distill")
+
+
 @app.command("eval")
 def eval_(
     model: ModelArg = DEFAULT_MODEL,
@@ -146,21 +169,8 @@ def eval_(
         Console().print(f"KV ratio (baseline / model): {result['kv_ratio']:.2f}x   ppl ratio (model / baseline): {result['ppl_ratio']:.3f}")
 
 
-def _not_yet(name: str):
-    def command(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None):
-        _fail(f"'kvx {name}' is not implemented yet")
-
-    command.__doc__ = {
-        "profile": "Profile every layer (lazy ratio, KV spectrum, RoPE contribution, ...) and suggest a plan. (not implemented yet)",
-        "distill": "Heal a converted model with a short teacher distillation. (not implemented yet)",
-        "push": "Push a checkpoint and its model card to the Hub. (not implemented yet)",
-        "run": "Run a whole recipe: profile, convert, distill, eval. (not implemented yet)",
-    }[name]
-    return command
-
-
-for _name in ("profile", "distill", "push", "run"):
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_yet(_name))
+for _name in ("push", "run"):
+    _register_stub(_name)
 
 
 def main() -> None:  # pragma: no cover - console script entry

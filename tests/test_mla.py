@@ -58,23 +58,28 @@ def test_full_rank_all_rope_is_lossless(family, tiny_dir, tmp_path, tokenizer):
         _decode_matches(base, conv, ids)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_partial_rope_equals_base_without_rope_on_dropped_pairs(family, tiny_dir, tmp_path, tokenizer):
-    """Keeping the m highest-frequency pairs is exactly the base model with the other
-    pairs' frequencies set to zero (NoPE): checks the partial-RoPE bookkeeping."""
+@pytest.mark.parametrize(
+    ("family", "select"), [(f, "high") for f in FAMILIES] + [("llama", "low"), ("qwen3", "uniform")]
+)
+def test_partial_rope_equals_base_without_rope_on_dropped_pairs(family, select, tiny_dir, tmp_path, tokenizer):
+    """Keeping m frequency pairs is exactly the base model with the other pairs'
+    frequencies set to zero (NoPE): checks the partial-RoPE bookkeeping."""
     src = tiny_dir(family)
     base = AutoModelForCausalLM.from_pretrained(src).eval()
     a = get_adapter(base.config)
     m = a.head_dim // 4
     out = tmp_path / "mla"
-    convert_to_mla(str(src), out, kv_rank="full", rope_dims=2 * m * a.n_kv_heads, rope_select="high", **SMALL)
+    convert_to_mla(str(src), out, kv_rank="full", rope_dims=2 * m * a.n_kv_heads, rope_select=select, **SMALL)
     conv = kvx.load(str(out))
+    kept = conv.model.layers[0].self_attn.rope_pairs[0]
+    dropped = torch.ones(a.head_dim // 2, dtype=torch.bool)
+    dropped[kept] = False
     ids = _ids(tokenizer)
     with torch.no_grad():
         drifted = (conv(ids).logits - base(ids).logits).abs().max()
         for name, buf in base.named_buffers():
             if name.endswith("inv_freq"):
-                buf[m:] = 0
+                buf[dropped] = 0
         assert_close(conv(ids).logits, base(ids).logits, atol=1e-4, rtol=0)
     assert drifted > 1e-3  # dropping RoPE really changed the model: the check above is not vacuous
     _set_absorb(conv, "always")
@@ -151,3 +156,15 @@ def test_generate_uses_the_latent_cache(tiny_dir, tmp_path, tokenizer):
     assert res.sequences.shape[-1] == 17
     layer = res.past_key_values.layers[0]
     assert isinstance(layer, MLACacheLayer) and layer.latent.shape[-2] == 16
+
+
+def test_2norm_selection_is_per_kv_head():
+    from kvx.convert.mla import select_pairs
+
+    score = torch.zeros(2, 8)
+    score[0, [1, 6]] = 5.0  # KV head 0 leans on pairs 1 and 6
+    score[1, [0, 3]] = 5.0  # KV head 1 on pairs 0 and 3
+    assert select_pairs("2norm", 2, 16, 2, score).tolist() == [[1, 6], [0, 3]]
+    assert select_pairs("high", 2, 16, 2).tolist() == [[0, 1], [0, 1]]
+    assert select_pairs("low", 2, 16, 2).tolist() == [[6, 7], [6, 7]]
+    assert select_pairs("uniform", 1, 16, 3).tolist() == [[0, 4, 7]]

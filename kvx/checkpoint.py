@@ -29,6 +29,17 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise KvxError(f"cannot write into {parent}")
 
 
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(tensor_slice) -> int:
+    """A stored tensor's size from the safetensors header alone."""
+    numel = 1
+    for d in tensor_slice.get_shape():
+        numel *= d
+    return numel * _DTYPE_BYTES.get(tensor_slice.get_dtype(), 4)
+
+
 def _ensure_index(folder: Path) -> None:
     """transformers writes an index only when it shards; kvx always ships one."""
     if (folder / INDEX_NAME).exists():
@@ -40,7 +51,7 @@ def _ensure_index(folder: Path) -> None:
     single.rename(shard)
     with safe_open(shard, "pt") as f:
         names = list(f.keys())
-        total = sum(f.get_tensor(n).nbytes for n in names)
+        total = sum(_nbytes(f.get_slice(n)) for n in names)
     index = {"metadata": {"total_size": total}, "weight_map": {n: shard.name for n in names}}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
 

@@ -121,8 +121,14 @@ def load_model(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, d
     except KvxError:
         raise
     except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1 is set: only local folders, .gguf files and built-in aliases work)" if offline else ""
+        hint = ""
+        if source == model and not Path(model).exists():  # a Hub id
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            hint = (
+                " (HF_HUB_OFFLINE=1 is set: only local folders, .gguf files and built-in aliases work)"
+                if offline
+                else " (no network? Hub ids need it; with HF_HUB_OFFLINE=1 use local folders, .gguf files or built-in aliases)"
+            )
         raise KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}{hint}") from None
     except ValueError as e:
         raise KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from None

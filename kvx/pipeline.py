@@ -11,13 +11,13 @@ import torch
 from .arch import get_adapter
 from .calibration import collect_stats
 from .checkpoint import check_output, save_checkpoint
-from .convert.mla import ROPE_SELECTIONS, convert_layer_to_mla, full_rank, validate_mla_dims
+from .convert.mla import ROPE_SELECTIONS, convert_layer_to_mla, full_rank, validate_mla_dims, validate_rope_dims
 from .data import token_windows
 from .errors import KvxError
 from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec
 from .hub import model_card
 from .loading import load_model
-from .modeling.modeling_kvx import kvx_class_for
+from .modeling.modeling_kvx import MLAAttention, kvx_class_for
 from .plan import FullSpec, MLASpec, Plan, spec_to_dict
 
 # progress(description, total) -> advance(n); the CLI draws bars, library callers may pass nothing.
@@ -56,8 +56,7 @@ def _resolve_dims(kv_rank: str | int, rope_dims: str | int, adapter, hidden: int
         r_dims = n_kv * hd if str(rope_dims) == "all" else int(rope_dims)
     except ValueError:
         raise KvxError(f"--rope-dims must be an integer or 'all', not {rope_dims!r}") from None
-    if r_dims < 0 or r_dims % (2 * n_kv):
-        validate_mla_dims(1, r_dims, n_kv, hd, hidden)
+    validate_rope_dims(r_dims, n_kv, hd)
     try:
         rank = full_rank(n_kv, hd, r_dims, hidden) if str(kv_rank) == "full" else int(kv_rank)
     except ValueError:
@@ -83,7 +82,6 @@ def build_converted(base_model, plan: Plan, layer_weights: dict, k_norm_eps: flo
     result = model.load_state_dict(base_model.state_dict(), strict=False)
     model.tie_weights()
     adapter = get_adapter(config)
-    filled = set()
     for idx, w in layer_weights.items():
         attn = adapter.attention(model, idx)
         with torch.no_grad():
@@ -99,15 +97,16 @@ def build_converted(base_model, plan: Plan, layer_weights: dict, k_norm_eps: flo
             if attn.k_scale_proj is not None:
                 base_attn = adapter.attention(base_model, idx)
                 attn.k_scale_proj.load_state_dict(base_attn.k_proj.state_dict())
-        prefix = next(n for n, mod in model.named_modules() if mod is attn)
-        filled.update(f"{prefix}.{n}" for n, _ in attn.named_parameters(recurse=False))
-        filled.update(f"{prefix}.{n}" for n, _ in attn.named_buffers(recurse=False))
-        for child in ("kv_a_proj", "kv_b_proj", "k_rope_proj", "k_scale_proj"):
-            if getattr(attn, child) is not None:
-                filled.update(f"{prefix}.{child}.{n}" for n, _ in getattr(attn, child).named_parameters())
-    missing = set(result.missing_keys) - filled
-    if missing:
-        raise RuntimeError(f"converted model left weights unset: {sorted(missing)[:5]}")
+    # Every weight the base checkpoint lacks must be one of the MLA layers' new ones, filled above.
+    mla_prefixes = tuple(
+        f"{name}.{part}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, MLAAttention) and mod.layer_idx in layer_weights
+        for part in ("kv_a_proj.", "kv_b_proj.", "k_rope_proj.", "k_scale_proj.", "rope_pairs")
+    )
+    unset = [k for k in result.missing_keys if not k.startswith(mla_prefixes)]
+    if unset:
+        raise RuntimeError(f"converted model left weights unset: {unset[:5]}")
     model.eval()
     return model
 
@@ -170,7 +169,7 @@ def convert_to_mla(
     plan = Plan(specs, name, {"conversion": {"calib": calib if use_calib else "none", "calib_tokens": calib_tokens if use_calib else 0}})
     converted = build_converted(base, plan, weights, adapter.k_norm_eps())
 
-    probe = token_windows(tokenizer, "bundled" if not use_calib else calib, "calib", calib_seq_len, calib_seq_len)[:1]
+    probe = (torch.arange(calib_seq_len) % base.config.vocab_size)[None]  # cache size does not depend on content
     kv = {
         "baseline": kv_bytes_per_token(base, probe),
         "measured": kv_bytes_per_token(converted, probe),

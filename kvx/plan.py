@@ -106,10 +106,19 @@ class Plan:
         return text
 
     @classmethod
-    def from_yaml(cls, text_or_path: str | Path) -> "Plan":
-        p = Path(text_or_path)
-        text = p.read_text() if p.suffix in (".yaml", ".yml") or p.exists() else str(text_or_path)
+    def from_yaml(cls, text: str) -> "Plan":
         return cls.from_dict(yaml.safe_load(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """A plan from a YAML file (``plan.yaml``, a recipe's plan)."""
+        p = Path(path)
+        if not p.is_file():
+            raise KvxError(f"plan file not found: {path}")
+        try:
+            return cls.from_yaml(p.read_text())
+        except yaml.YAMLError as e:
+            raise KvxError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
 
     @classmethod
     def from_config(cls, config) -> "Plan":

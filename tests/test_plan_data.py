@@ -19,7 +19,7 @@ def test_plan_yaml_round_trip(tmp_path):
     plan = _plan()
     path = tmp_path / "plan.yaml"
     plan.to_yaml(path)
-    again = Plan.from_yaml(path)
+    again = Plan.load(path)
     assert again.layers == plan.layers and again.base_model == "some/base" and again.meta == plan.meta
     assert Plan.from_yaml(plan.to_yaml()).layers == plan.layers
 
@@ -40,6 +40,8 @@ def test_bad_plans_are_clear_errors():
         Plan.from_dict({"layers": [{"kind": "mla", "kv_rank": 3}]})
     with pytest.raises(KvxError, match="needs a 'layers' list"):
         Plan.from_dict({})
+    with pytest.raises(KvxError, match="plan file not found"):
+        Plan.load("no/such/plan.yaml")
 
 
 def test_kv_bytes_follow_the_specs():

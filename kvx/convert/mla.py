@@ -51,8 +51,8 @@ def full_rank(n_kv: int, head_dim: int, rope_dims: int, hidden: int) -> int:
     return min(n_kv * (2 * head_dim) - rope_dims, hidden)
 
 
-def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hidden: int) -> None:
-    """Refuse sizes that cannot be honoured exactly, with the reason in one line."""
+def validate_rope_dims(rope_dims: int, n_kv: int, head_dim: int) -> None:
+    """RoPE dims come in whole frequency pairs per KV head, at most all of them."""
     if rope_dims < 0 or rope_dims % (2 * n_kv):
         raise KvxError(
             f"--rope-dims {rope_dims} must be a multiple of 2 x {n_kv} KV heads = {2 * n_kv} "
@@ -60,6 +60,11 @@ def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hi
         )
     if rope_dims > n_kv * head_dim:
         raise KvxError(f"--rope-dims {rope_dims} exceeds all RoPE dims ({n_kv} KV heads x {head_dim} = {n_kv * head_dim})")
+
+
+def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hidden: int) -> None:
+    """Refuse sizes that cannot be honoured exactly, with the reason in one line."""
+    validate_rope_dims(rope_dims, n_kv, head_dim)
     full = full_rank(n_kv, head_dim, rope_dims, hidden)
     if kv_rank < 1 or kv_rank > full:
         raise KvxError(f"--kv-rank {kv_rank} is out of range: it must be between 1 and {full} (full rank here)")

@@ -191,12 +191,12 @@ class MLAAttention(nn.Module):
         return c, latent[:, 0, :, self.kv_rank :].transpose(1, 2)[..., None]
 
     def _sdpa(self, q, k, v, attention_mask, q_len):
-        group = self.n_heads // self.n_kv
-        if k.shape[1] != self.n_heads:
-            k = k.repeat_interleave(group, dim=1)
-        if v.shape[1] != self.n_heads:
-            v = v.expand(-1, self.n_kv, -1, -1) if v.shape[1] == 1 else v
-            v = v.repeat_interleave(group, dim=1)
+        def per_query_head(t):  # shared latent: a free expand; per-KV-head tensors: GQA repeat
+            if t.shape[1] == 1:
+                return t.expand(-1, self.n_heads, -1, -1)
+            return t.repeat_interleave(self.n_heads // t.shape[1], dim=1)
+
+        k, v = per_query_head(k), per_query_head(v)
         mask = attention_mask
         if mask is not None and mask.dim() == 4:
             mask = mask[:, :, :, : k.shape[-2]]

@@ -124,20 +124,13 @@ def convert(
             progress=progress,
         )
     kv = result["kv"]
-    table = Table(title=f"kvx convert -> {result['out']}")
-    for col in ("plan", "KV bytes/token (base)", "KV bytes/token (measured)", "KV bytes/token (plan)", "KV ratio"):
+    table = Table(title=f"kvx convert -> {result['out']}", caption=result["plan"].summary())
+    for col in ("KV bytes/token", "base", "measured", "plan", "ratio"):
         table.add_column(col)
     table.add_row(
-        result["plan"].summary(),
-        f"{kv['baseline']:.0f}",
-        f"{kv['measured']:.0f}",
-        f"{kv['spec']:.0f}",
-        f"{kv['baseline'] / kv['measured']:.2f}x",
+        kv["dtype"], f"{kv['baseline']:.0f}", f"{kv['measured']:.0f}", f"{kv['spec']:.0f}", f"{kv['baseline'] / kv['measured']:.2f}x"
     )
     Console().print(table)
-
-
-_register_stub("distill")
 
 
 @app.command("eval")

@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import KvxError
@@ -65,11 +66,7 @@ def save_checkpoint(
     max_shard_size: str = "200MB",
 ) -> Path:
     """Save model + tokenizer + shipped runtime + model card (``card(folder)`` returns its text)."""
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         if getattr(model.config, "kvx", None):
             model.config.auto_map = dict(AUTO_MAP)
             model.config.architectures = ["KvxForCausalLM"]
@@ -79,6 +76,18 @@ def save_checkpoint(
         if getattr(model.config, "kvx", None):
             shutil.copy(modeling_kvx.__file__, tmp / "modeling_kvx.py")
         (tmp / "README.md").write_text(card(tmp))
+    return Path(out)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` only if the block succeeds."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         os.chmod(tmp, 0o755)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -90,4 +99,3 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

@@ -82,7 +82,60 @@ def _register_stub(name: str) -> None:
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_yet(name))
 
 
-_register_stub("profile")
+@app.command()
+def profile(
+    model: ModelArg = DEFAULT_MODEL,
+    out: Annotated[str, typer.Option("-o", "--out", help="Folder for report.json, PNG plots and plan.yaml.")] = "",
+    data: DataOpt = "bundled",
+    tokens: Annotated[int, typer.Option(help="Tokens to profile (from DATA's calibration part).")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Sequence length of each profiled window.")] = 1024,
+    reference: Annotated[
+        str | None, typer.Option(help="A smaller model of the same family and tokenizer: cross-scale attention similarity (IAM).")
+    ] = None,
+    sink: Annotated[int, typer.Option(help="Attention-sink tokens for the lazy ratio.")] = 4,
+    window: Annotated[int | None, typer.Option(help="Recent-window tokens for the lazy ratio (default seq_len/8).")] = None,
+    topk: Annotated[int, typer.Option(help="k of the step-to-step top-k recall.")] = 16,
+    rope_dims: Annotated[int | None, typer.Option(help="RoPE dims per token and layer the plan keeps (default: 3/8 of the budget).")] = None,
+    target_kv_ratio: Annotated[float, typer.Option(help="KV-size cut the suggested plan aims for.")] = 4.0,
+    streaming: Annotated[bool, typer.Option(help="Let the plan make lazy layers streaming (convert cannot build them yet).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Profile every layer (lazy ratio, KV spectrum, RoPE pairs, cross-layer/-scale similarity) and suggest a plan."""
+    from .pipeline import profile as run
+
+    if not out:
+        _fail("missing -o/--out: the folder for the report")
+    with _progress() as progress:
+        report = _run(
+            run,
+            model,
+            out,
+            data=data,
+            tokens=tokens,
+            seq_len=seq_len,
+            reference=reference,
+            sink=sink,
+            window=window,
+            topk=topk,
+            rope_dims=rope_dims,
+            target_kv_ratio=target_kv_ratio,
+            streaming=streaming,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    s = report["settings"]
+    table = Table(title=f"kvx profile {report['model']}: {report['tokens']} tokens of {report['data']}, windows of {s['seq_len']}")
+    for col in ("layer", f"lazy ratio (sink {s['sink']} + last {s['window']})", "lazy rank", "rank 95% [K_nope;V]", f"top-{s['topk']} recall", "plan"):
+        table.add_column(col)
+    plan_layers = report["suggested_plan"]["layers"]
+    for layer, spec in zip(report["layers"], plan_layers):
+        shown = spec["kind"] if spec["kind"] != "mla" else f"mla({spec['kv_rank']}, {spec['rope_dims']})"
+        table.add_row(
+            str(layer["layer"]), f"{layer['lazy_ratio']:.3f}", str(layer["lazy_rank"]),
+            f"{layer['spectrum']['joint']['rank_95']}/{layer['spectrum']['joint']['dims']}", f"{layer['topk_recall']:.3f}", shown,
+        )
+    Console().print(table)
+    Console().print(f"Suggested plan: expected KV ratio {report['expected_kv_ratio']:.2f}x. Wrote: {', '.join(report['files'])}")
 
 
 @app.command()
@@ -100,6 +153,7 @@ def convert(
     calib: Annotated[str, typer.Option(help="Calibration text (as --data), or 'none' for weights-only SVD.")] = "bundled",
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 16384,
     layers: Annotated[str | None, typer.Option(help="Layers to convert, e.g. '0-9,20' (default all).")] = None,
+    plan: Annotated[str | None, typer.Option(help="A per-layer plan (plan.yaml from kvx profile) instead of the options above.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ):
     """Convert MODEL's attention layers (MLA: SVD/PCA-initialised latent attention)."""
@@ -109,6 +163,8 @@ def convert(
         _fail(f"--to {to!r} is not implemented yet (available: mla)")
     if not out:
         _fail("missing -o/--out: where to write the converted checkpoint")
+    if plan is not None and (kv_rank != "full" or rope_dims != "all" or layers is not None or rope_select is not None):
+        _fail("--plan sets every layer: drop --kv-rank, --rope-dims, --rope-select and --layers")
     with _progress() as progress:
         result = _run(
             convert_to_mla,
@@ -122,6 +178,7 @@ def convert(
             layers=layers,
             overwrite=overwrite,
             progress=progress,
+            plan=plan,
         )
     kv = result["kv"]
     table = Table(title=f"kvx convert -> {result['out']}", caption=result["plan"].summary())

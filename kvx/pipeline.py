@@ -10,7 +10,7 @@ import torch
 
 from .arch import get_adapter
 from .calibration import collect_stats
-from .checkpoint import check_output, save_checkpoint
+from .checkpoint import atomic_dir, check_output, save_checkpoint
 from .convert.mla import ROPE_SELECTIONS, convert_layer_to_mla, full_rank, validate_mla_dims, validate_rope_dims
 from .data import token_windows
 from .errors import KvxError
@@ -18,7 +18,7 @@ from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_toke
 from .hub import model_card
 from .loading import load_model
 from .modeling.modeling_kvx import MLAAttention, kvx_class_for
-from .plan import FullSpec, MLASpec, Plan, spec_to_dict
+from .plan import FullSpec, MLASpec, Plan, StreamingSpec
 
 # progress(description, total) -> advance(n); the CLI draws bars, library callers may pass nothing.
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -111,6 +111,25 @@ def build_converted(base_model, plan: Plan, layer_weights: dict, k_norm_eps: flo
     return model
 
 
+def _plan_from_args(adapter, hidden, kv_rank, rope_dims, rope_select, layers, name) -> Plan:
+    rank, r_dims = _resolve_dims(kv_rank, rope_dims, adapter, hidden)
+    chosen = set(parse_layers(layers, adapter.n_layers))
+    return Plan([MLASpec(rank, r_dims, rope_select) if i in chosen else FullSpec() for i in range(adapter.n_layers)], name)
+
+
+def _check_plan(plan: Plan, adapter, hidden: int) -> None:
+    """A plan from a file must fit this model and use only specs convert can build today."""
+    if len(plan.layers) != adapter.n_layers:
+        raise KvxError(f"the plan has {len(plan.layers)} layers but the model has {adapter.n_layers}")
+    for i, spec in enumerate(plan.layers):
+        if isinstance(spec, StreamingSpec):
+            raise KvxError(f"layer {i} is 'streaming': convert cannot build streaming layers yet (edit the plan or profile with --no-streaming)")
+        if isinstance(spec, MLASpec):
+            if spec.rope_select not in ROPE_SELECTIONS:
+                raise KvxError(f"layer {i}: unknown rope_select {spec.rope_select!r}")
+            validate_mla_dims(spec.kv_rank, spec.rope_dims, adapter.n_kv_heads, adapter.head_dim, hidden)
+
+
 def convert_to_mla(
     model: str,
     out: str | Path,
@@ -123,30 +142,43 @@ def convert_to_mla(
     layers: str | None = None,
     overwrite: bool = False,
     progress: Progress = _no_progress,
+    plan: str | Path | Plan | None = None,
 ) -> dict:
-    """``kvx convert MODEL --to mla``: returns a summary (plan, KV bytes, kept energy, output path)."""
+    """``kvx convert MODEL --to mla`` (uniform, or ``plan``: per-layer specs from ``kvx profile``).
+
+    Returns a summary: the plan, KV bytes, kept energy per converted layer, the output path.
+    """
     out = Path(out)
     check_output(out, overwrite)
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
     base, tokenizer, name = load_model(model)
     adapter = get_adapter(base.config)
-    rank, r_dims = _resolve_dims(kv_rank, rope_dims, adapter, base.config.hidden_size)
-    chosen = parse_layers(layers, adapter.n_layers)
+    hidden = base.config.hidden_size
     use_calib = calib.lower() != "none"
-    rope_select = rope_select or ("2norm" if use_calib else "high")
-    if rope_select not in ROPE_SELECTIONS:
-        raise KvxError(f"unknown --rope-select {rope_select!r} (choose from {', '.join(ROPE_SELECTIONS)})")
-    if rope_select == "2norm" and not use_calib:
+    if plan is None:
+        rope_select = rope_select or ("2norm" if use_calib else "high")
+        if rope_select not in ROPE_SELECTIONS:
+            raise KvxError(f"unknown --rope-select {rope_select!r} (choose from {', '.join(ROPE_SELECTIONS)})")
+        plan = _plan_from_args(adapter, hidden, kv_rank, rope_dims, rope_select, layers, name)
+        how = f"--kv-rank {kv_rank} --rope-dims {rope_dims} --rope-select {rope_select}"
+    else:
+        _check_plan(plan, adapter, hidden)
+        plan = Plan(plan.layers, name, {k: v for k, v in plan.meta.items() if k != "conversion"})
+        how = "a per-layer plan"
+    mla = {i: s for i, s in enumerate(plan.layers) if isinstance(s, MLASpec)}
+    if not use_calib and any(s.rope_select == "2norm" for s in mla.values()):
         raise KvxError("--rope-select 2norm needs calibration data: drop --calib none or pick high/low/uniform")
 
     stats = {}
     if use_calib:
         windows = token_windows(tokenizer, calib, "calib", calib_tokens, calib_seq_len)
         advance = progress("calibrating", windows.numel())
-        stats = collect_stats(base, adapter, windows, chosen, on_batch=advance)
+        stats = collect_stats(base, adapter, windows, sorted(mla), on_batch=advance)
 
-    advance = progress("converting layers", len(chosen))
-    weights, energies = {}, []
-    for idx in chosen:
+    advance = progress("converting layers", len(mla))
+    weights = {}
+    for idx, spec in mla.items():
         attn = adapter.attention(base, idx)
         w = adapter.attention_weights(attn)
         weights[idx] = convert_layer_to_mla(
@@ -156,17 +188,16 @@ def convert_to_mla(
             w.bv,
             n_kv=adapter.n_kv_heads,
             head_dim=adapter.head_dim,
-            kv_rank=rank,
-            rope_dims=r_dims,
-            rope_select=rope_select,
+            kv_rank=spec.kv_rank,
+            rope_dims=spec.rope_dims,
+            rope_select=spec.rope_select,
             stats=stats.get(idx),
             k_gain=adapter.k_norm_weight(attn),
         )
-        energies.append(weights[idx].energy_kept)
         advance(1)
+    energies = [w.energy_kept for w in weights.values()]
 
-    specs = [MLASpec(rank, r_dims, rope_select) if i in weights else FullSpec() for i in range(adapter.n_layers)]
-    plan = Plan(specs, name, {"conversion": {"calib": calib if use_calib else "none", "calib_tokens": calib_tokens if use_calib else 0}})
+    plan.meta["conversion"] = {"calib": calib if use_calib else "none", "calib_tokens": calib_tokens if use_calib else 0}
     converted = build_converted(base, plan, weights, adapter.k_norm_eps())
 
     probe = (torch.arange(calib_seq_len) % base.config.vocab_size)[None]  # cache size does not depend on content
@@ -177,10 +208,9 @@ def convert_to_mla(
         "tokens": probe.shape[-1],
         "dtype": "float32",
     }
-    extra = {
-        "conversion": f"--kv-rank {rank} --rope-dims {r_dims} --rope-select {rope_select} --calib {calib if use_calib else 'none'}",
-        "mean share of [K_nope; V] energy kept by the latent": f"{sum(energies) / len(energies):.4f}",
-    }
+    extra = {"conversion": f"{how}, calibration: {calib if use_calib else 'none (weights-only SVD)'}"}
+    if energies:
+        extra["mean share of [K_nope; V] energy kept by the latent"] = f"{sum(energies) / len(energies):.4f}"
     converted.generation_config = base.generation_config
     save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
     return {"out": str(out), "plan": plan, "kv": kv, "energy_kept": energies}
@@ -207,3 +237,123 @@ def evaluate(
         rows.append(row)
         del m
     return compare(rows[0], rows[1])
+
+
+def profile(
+    model: str,
+    out: str | Path,
+    data: str = "bundled",
+    tokens: int = 8192,
+    seq_len: int = 1024,
+    reference: str | None = None,
+    sink: int = 4,
+    window: int | None = None,
+    topk: int = 16,
+    rope_dims: int | None = None,
+    target_kv_ratio: float = 4.0,
+    streaming: bool = False,
+    lazy_threshold: float = 0.9,
+    xscale_tokens: int = 256,
+    overwrite: bool = False,
+    progress: Progress = _no_progress,
+) -> dict:
+    """``kvx profile``: measure every layer on DATA's calibration part and suggest a plan.
+
+    Writes report.json, PNG plots and plan.yaml to ``out``; returns the report.
+    """
+    from .convert.mla import joint_kv, output_spectrum, select_pairs
+    from .profile.collect import ProfileSettings, attention_maps, cross_scale_similarity, run_profile
+    from .profile.metrics import energy_ranks
+    from .profile.report import write_report
+    from .profile.suggest import default_rope_dims, suggest_plan
+
+    check_output(Path(out), overwrite)
+    window = max(1, seq_len // 8) if window is None else window
+    if sink < 0 or window < 1 or sink + window >= seq_len:
+        raise KvxError(f"--sink {sink} + --window {window} must be below --seq-len {seq_len}")
+    if not 1 <= topk < seq_len:
+        raise KvxError(f"--topk {topk} must be between 1 and --seq-len - 1")
+    base, tokenizer, name = load_model(model)
+    if getattr(base.config, "kvx", None):
+        raise KvxError(f"{model} is already converted by kvx: profile its base model ({Plan.from_config(base.config).base_model})")
+    adapter = get_adapter(base.config)
+    geom = adapter.geometry()
+    hidden, n_kv, hd = base.config.hidden_size, adapter.n_kv_heads, adapter.head_dim
+    r_dims = default_rope_dims(geom, target_kv_ratio) if rope_dims is None else rope_dims
+    validate_rope_dims(r_dims, n_kv, hd)
+    ref = None
+    if reference is not None:
+        ref, ref_tok, ref_name = load_model(reference)
+        if ref_tok.get_vocab() != tokenizer.get_vocab():
+            raise KvxError(f"--reference {reference} has another tokenizer than {model}: attention maps would not align")
+        get_adapter(ref.config)
+
+    windows = token_windows(tokenizer, data, "calib", tokens, seq_len)
+    settings = ProfileSettings(sink=sink, window=window, topk=topk)
+    col = run_profile(base, adapter, windows, settings, on_batch=progress("profiling", windows.numel()))
+
+    layers, spectra, lazy = [], [], []
+    m = r_dims // (2 * n_kv)
+    for i in range(adapter.n_layers):
+        attn, st, lp = adapter.attention(base, i), col.stats[i], col.layers[i]
+        w = adapter.attention_weights(attn)
+        cov = st.covariance
+        pairs = select_pairs("2norm", n_kv, hd, m, st.pair_score)
+        jkv = joint_kv(w.wk, w.wv, w.bk, n_kv=n_kv, head_dim=hd, pairs=pairs, cov=cov, k_gain=adapter.k_norm_weight(attn))
+        joint_ev = output_spectrum(jkv.joint, cov)[0][: full_rank(n_kv, hd, r_dims, hidden)]
+        spectra.append(joint_ev)
+        lazy.append(float(lp.lazy_per_head.mean()))
+        layers.append(
+            {
+                "layer": i,
+                "type": (geom.layer_types[i] if geom.layer_types else "full_attention"),
+                "lazy_ratio": lazy[-1],
+                "lazy_ratio_per_head": lp.lazy_per_head.tolist(),
+                "topk_recall": float(lp.recall_per_head.mean()),
+                "topk_recall_per_head": lp.recall_per_head.tolist(),
+                "spectrum": {
+                    "k": energy_ranks(output_spectrum(w.wk, cov)[0][: min(n_kv * hd, hidden)]),
+                    "v": energy_ranks(output_spectrum(w.wv, cov)[0][: min(n_kv * hd, hidden)]),
+                    "joint": energy_ranks(joint_ev),
+                },
+                "rope_pair_score": (st.pair_score / st.n_tokens).tolist(),
+                "rope_pairs_kept": pairs.tolist(),
+            }
+        )
+    ranking = sorted(range(len(lazy)), key=lambda i: -lazy[i])
+    for pos, i in enumerate(ranking):
+        layers[i]["lazy_rank"] = pos + 1
+
+    report = {
+        "model": name,
+        "data": data,
+        "tokens": int(windows.numel()),
+        "settings": {"seq_len": seq_len, "sink": sink, "window": window, "topk": topk, "rope_dims": r_dims},
+        "attention": "recomputed from each layer's own q/k (RoPE, norms, local windows), in float32 query chunks",
+        "layers": layers,
+        "lazy_ranking": ranking,
+        "cross_layer_similarity": {k: (v / col.kv_sim_n).tolist() for k, v in col.kv_sim.items()},
+    }
+    if ref is not None:
+        probe = windows[:2, :xscale_tokens]
+        sims = cross_scale_similarity(attention_maps(base, adapter, probe), attention_maps(ref, get_adapter(ref.config), probe))
+        best = sims["head_averaged"].max(dim=1)
+        report["cross_scale"] = {
+            "reference": ref_name,
+            "tokens": int(probe.numel()),
+            "head_averaged": sims["head_averaged"].tolist(),
+            "best_head": sims["best_head"].tolist(),
+            "best_mapping": [
+                {"layer": i, "reference_layer": int(j), "similarity": float(v)}
+                for i, (v, j) in enumerate(zip(best.values, best.indices))
+            ],
+        }
+    plan = suggest_plan(
+        geom, spectra, lazy, target_kv_ratio, r_dims, streaming, lazy_threshold, sink=sink, window=window, context=seq_len, base_model=name
+    )
+    report["suggested_plan"] = plan.to_dict()
+    report["expected_kv_ratio"] = plan.meta["expected_kv_ratio"]
+    with atomic_dir(out, overwrite) as tmp:
+        files = write_report(report, plan, tmp)
+    report["files"] = [str(Path(out) / f.name) for f in files]
+    return report

@@ -44,8 +44,25 @@ class MLASpec:
         return self.kv_rank + self.rope_dims + (geom.n_kv_heads if geom.k_norm else 0)
 
 
-LayerSpec = Union[FullSpec, MLASpec]
-SPEC_TYPES: dict[str, type] = {"full": FullSpec, "mla": MLASpec}
+@dataclass(frozen=True)
+class StreamingSpec:
+    """Attention sinks + a recent window (LightTransfer / StreamingLLM): K/V of the first
+    ``sink`` and the last ``window`` tokens only. Planned by ``kvx profile``; the runtime
+    that converts to it is not built yet."""
+
+    sink: int = 4
+    window: int = 1020
+    kind: ClassVar[str] = "streaming"
+
+    def cached_floats(self, geom: "CacheGeometry") -> int:
+        return 2 * geom.n_kv_heads * geom.head_dim
+
+    def cached_tokens(self, n_tokens: int) -> int:
+        return min(n_tokens, self.sink + self.window)
+
+
+LayerSpec = Union[FullSpec, MLASpec, StreamingSpec]
+SPEC_TYPES: dict[str, type] = {"full": FullSpec, "mla": MLASpec, "streaming": StreamingSpec}
 
 
 @dataclass(frozen=True)
@@ -132,16 +149,27 @@ class Plan:
         """Bytes the cache holds after ``n_tokens`` tokens (batch 1), sliding windows included."""
         total = 0
         for i, spec in enumerate(self.layers):
-            kept = n_tokens
+            kept = spec.cached_tokens(n_tokens) if isinstance(spec, StreamingSpec) else n_tokens
             if geom.layer_types and geom.layer_types[i] == "sliding_attention" and geom.sliding_window:
-                kept = min(n_tokens, geom.sliding_window - 1)
+                kept = min(kept, geom.sliding_window - 1)
             total += spec.cached_floats(geom) * kept * dtype_bytes
         return total
 
     def summary(self) -> str:
-        """``30 layers: 30 mla(kv_rank=60, rope_dims=36)`` style one-liner."""
-        counts: dict[str, int] = {}
+        """``30 layers: 30 mla(kv_rank=60, rope_dims=36)``; uneven ranks show as a range."""
+        groups: dict[str, list[int]] = {}
         for s in self.layers:
-            key = s.kind if isinstance(s, FullSpec) else f"{s.kind}(kv_rank={s.kv_rank}, rope_dims={s.rope_dims})"
-            counts[key] = counts.get(key, 0) + 1
-        return f"{len(self.layers)} layers: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+            if isinstance(s, MLASpec):
+                groups.setdefault(f"mla|{s.rope_dims}", []).append(s.kv_rank)
+            elif isinstance(s, StreamingSpec):
+                groups.setdefault(f"streaming(sink={s.sink}, window={s.window})", []).append(0)
+            else:
+                groups.setdefault(s.kind, []).append(0)
+        parts = []
+        for key, ranks in groups.items():
+            if key.startswith("mla|"):
+                lo, hi = min(ranks), max(ranks)
+                rank = str(lo) if lo == hi else f"{lo}..{hi}"
+                key = f"mla(kv_rank={rank}, rope_dims={key[4:]})"
+            parts.append(f"{len(ranks)} {key}")
+        return f"{len(self.layers)} layers: " + ", ".join(parts)

@@ -97,6 +97,36 @@ class ArchAdapter:
             b(attn.v_proj),
         )
 
+    def sliding_window(self, idx: int) -> int | None:
+        """The local attention window of layer ``idx`` (None: the layer attends to everything)."""
+        types = getattr(self.config, "layer_types", None)
+        if types and types[idx] == "sliding_attention":
+            return self.config.sliding_window
+        return None
+
+    def qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The layer's real q, k (normed, RoPE applied) and v as ``[B, heads, T, head_dim]``.
+
+        All supported families rotate with HF's ``rotate_half`` layout; one that does not
+        overrides this."""
+        bsz, t, _ = x.shape
+
+        def heads(y, n):
+            return y.view(bsz, t, n, self.head_dim).transpose(1, 2)
+
+        q, k = heads(attn.q_proj(x), self.n_heads), heads(attn.k_proj(x), self.n_kv_heads)
+        v = heads(attn.v_proj(x), self.n_kv_heads)
+        qn, kn = self.q_norm(attn), self.k_norm(attn)
+        if qn is not None:
+            q, k = qn(q), kn(k)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        def rotate(y):
+            half = y.shape[-1] // 2
+            return y * cos + torch.cat([-y[..., half:], y[..., :half]], dim=-1) * sin
+
+        return rotate(q), rotate(k), v
+
     def q_norm(self, attn: nn.Module) -> nn.Module | None:
         """The per-head query norm applied before RoPE, if the family has one."""
         return None

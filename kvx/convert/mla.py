@@ -111,20 +111,66 @@ def _split_k(wk: torch.Tensor, n_kv: int, head_dim: int, pairs: torch.Tensor):
     return torch.cat(rope_rows), torch.cat(nope_rows)
 
 
+def output_spectrum(m: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of the outputs ``m x`` under input covariance ``cov``
+    (identity when None): the energy spectrum a rank cut of ``m`` keeps or loses."""
+    m64 = m.double()
+    out_cov = m64 @ m64.T if cov is None else m64 @ cov.double() @ m64.T
+    evals, evecs = torch.linalg.eigh(out_cov)
+    order = evals.argsort(descending=True)
+    return evals[order].clamp_min(0), evecs[:, order]
+
+
 def joint_lowrank(m: torch.Tensor, cov: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Factor ``m`` [rows, hidden] as ``up @ down`` with ``down`` of ``rank`` rows.
 
     ``up`` is the top principal directions of the outputs ``m x`` under input covariance
     ``cov`` (identity: weights-only SVD). Returns (up, down, kept energy share).
     """
-    m64 = m.double()
-    out_cov = m64 @ m64.T if cov is None else m64 @ cov.double() @ m64.T
-    evals, evecs = torch.linalg.eigh(out_cov)
-    order = evals.argsort(descending=True)
-    evals, evecs = evals[order].clamp_min(0), evecs[:, order]
+    evals, evecs = output_spectrum(m, cov)
     u = evecs[:, :rank]
     kept = float(evals[:rank].sum() / evals.sum().clamp_min(1e-30))
-    return u, u.T @ m64, kept
+    return u, u.T @ m.double(), kept
+
+
+@dataclass
+class JointKV:
+    """The matrix MLA factors: balanced ``[alpha * K_nope; V]`` rows, and where K's rows went."""
+
+    joint: torch.Tensor  # [n_kv*(hd - 2m) + n_kv*hd, hidden], float64
+    alpha: float  # K_nope scale that balanced K and V energy
+    wk: torch.Tensor  # K rows with the key norm's gain folded in
+    bk: torch.Tensor | None
+    rope_rows: torch.Tensor
+    nope_rows: torch.Tensor
+
+
+def joint_kv(
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    bk: torch.Tensor | None,
+    *,
+    n_kv: int,
+    head_dim: int,
+    pairs: torch.Tensor,
+    cov: torch.Tensor | None,
+    k_gain: torch.Tensor | None = None,
+) -> JointKV:
+    """Split K into kept-RoPE and NoPE rows and stack NoPE K (scaled to V's energy) over V."""
+    wk, bk = wk.double(), None if bk is None else bk.double()
+    if k_gain is not None:  # (w * (W x + b)) * s == ((w W) x + w b) * s: the norm's gain is linear
+        gain = k_gain.double().repeat(n_kv)
+        wk = wk * gain[:, None]
+        bk = None if bk is None else bk * gain
+    rope_rows, nope_rows = _split_k(wk, n_kv, head_dim, pairs)
+    wk_nope, wv = wk[nope_rows], wv.double()
+
+    def energy(w):
+        return float((w @ cov.double() * w).sum()) if cov is not None else float((w * w).sum())
+
+    e_k, e_v = energy(wk_nope), energy(wv)
+    alpha = (e_v / e_k) ** 0.5 if e_k > 0 and e_v > 0 else 1.0
+    return JointKV(torch.cat([wk_nope * alpha, wv]), alpha, wk, bk, rope_rows, nope_rows)
 
 
 def convert_layer_to_mla(
@@ -149,37 +195,24 @@ def convert_layer_to_mla(
     validate_mla_dims(kv_rank, rope_dims, n_kv, head_dim, hidden)
     m = rope_dims // (2 * n_kv)
     pairs = select_pairs(rope_select, n_kv, head_dim, m, stats.pair_score if stats is not None else None)
-    wk, bk = wk.double(), None if bk is None else bk.double()
-    if k_gain is not None:  # (w * (W x + b)) * s == ((w W) x + w b) * s: the norm's gain is linear
-        gain = k_gain.double().repeat(n_kv)
-        wk = wk * gain[:, None]
-        bk = None if bk is None else bk * gain
-    rope_rows, nope_rows = _split_k(wk, n_kv, head_dim, pairs)
-    wk_nope, wv = wk[nope_rows], wv.double()
-    cov = stats.covariance.double() if stats is not None else None
-
-    # Balance: scale K_nope so it carries as much output energy as V, then factor jointly.
-    def energy(w):
-        return float((w @ cov * w).sum()) if cov is not None else float((w * w).sum())
-
-    e_k, e_v = energy(wk_nope), energy(wv)
-    alpha = (e_v / e_k) ** 0.5 if e_k > 0 and e_v > 0 else 1.0
-    joint = torch.cat([wk_nope * alpha, wv])
+    cov = stats.covariance if stats is not None else None
+    jkv = joint_kv(wk, wv, bk, n_kv=n_kv, head_dim=head_dim, pairs=pairs, cov=cov, k_gain=k_gain)
     exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden)
-    up, down, kept = joint_lowrank(joint, None if exact else cov, kv_rank)
+    up, down, kept = joint_lowrank(jkv.joint, None if exact else cov, kv_rank)
     up = up.clone()
-    up[: wk_nope.shape[0]] /= alpha
+    up[: jkv.nope_rows.numel()] /= jkv.alpha
 
     bias = None
-    if bk is not None or bv is not None:
+    if jkv.bk is not None or bv is not None:
         zeros_k = torch.zeros(n_kv * head_dim, dtype=torch.float64)
-        bias = torch.cat([(bk if bk is not None else zeros_k)[nope_rows], bv.double() if bv is not None else zeros_k])
+        bk_all = jkv.bk if jkv.bk is not None else zeros_k
+        bias = torch.cat([bk_all[jkv.nope_rows], bv.double() if bv is not None else zeros_k])
     return MLAWeights(
         kv_a=down.float(),
         kv_b=up.float(),
         kv_b_bias=None if bias is None else bias.float(),
-        k_rope=wk[rope_rows].float(),
-        k_rope_bias=None if bk is None else bk[rope_rows].float(),
+        k_rope=jkv.wk[jkv.rope_rows].float(),
+        k_rope_bias=None if jkv.bk is None else jkv.bk[jkv.rope_rows].float(),
         rope_pairs=pairs,
         energy_kept=kept,
     )

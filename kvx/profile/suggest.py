@@ -1,0 +1,80 @@
+"""Turn profile measurements into a per-layer plan that meets a KV-size target.
+
+1. Streaming (optional): the laziest layers whose lazy ratio reaches a threshold, at most
+   ``max_streaming`` of the layers (LightTransfer's top-k choice). Their cost is counted at
+   the context length the plan is for.
+2. MLA for the rest, with the same RoPE dims everywhere and the latent rank allocated
+   unevenly (as CARE argues): all layers' normalised ``[K_nope; V]`` eigenvalues are pooled
+   and the largest ones win, which maximises the total share of energy kept for the budget.
+3. A layer whose MLA cost would reach its full cost stays ``full``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import KvxError
+from ..plan import CacheGeometry, FullSpec, MLASpec, Plan, StreamingSpec
+
+
+def default_rope_dims(geom: CacheGeometry, target_ratio: float) -> int:
+    """About 3/8 of each layer's budget for RoPE keys (SmolLM2 at 4x: 36 of 96), whole pairs per KV head."""
+    unit = 2 * geom.n_kv_heads
+    budget = 2 * geom.n_kv_heads * geom.head_dim / target_ratio
+    return max(unit, int(0.375 * budget // unit) * unit)
+
+
+def suggest_plan(
+    geom: CacheGeometry,
+    spectra: list[torch.Tensor],
+    lazy: list[float],
+    target_ratio: float = 4.0,
+    rope_dims: int | None = None,
+    streaming: bool = False,
+    lazy_threshold: float = 0.9,
+    max_streaming: float = 0.5,
+    sink: int = 4,
+    window: int = 1020,
+    context: int = 8192,
+    base_model: str | None = None,
+) -> Plan:
+    """The plan for ``target_ratio`` (base bytes / plan bytes at ``context`` tokens)."""
+    if target_ratio < 1:
+        raise KvxError(f"--target-kv-ratio {target_ratio} must be at least 1")
+    n = len(spectra)
+    full = 2 * geom.n_kv_heads * geom.head_dim
+    rope = default_rope_dims(geom, target_ratio) if rope_dims is None else rope_dims
+    extra = geom.n_kv_heads if geom.k_norm else 0
+    budget = n * full / target_ratio  # floats per token, all layers
+
+    specs: list = [None] * n
+    if streaming:
+        lazy_first = sorted(range(n), key=lambda i: -lazy[i])
+        for i in lazy_first[: int(max_streaming * n)]:
+            if lazy[i] >= lazy_threshold:
+                specs[i] = StreamingSpec(sink, window)
+                budget -= full * min(1.0, (sink + window) / context)
+    mla_layers = [i for i in range(n) if specs[i] is None]
+    rank_budget = int(budget) - len(mla_layers) * (rope + extra)
+    if mla_layers and rank_budget < len(mla_layers):
+        raise KvxError(
+            f"a {target_ratio}x cut leaves no room for a latent with --rope-dims {rope}: "
+            "lower --rope-dims or --target-kv-ratio"
+        )
+    ranks = {i: 1 for i in mla_layers}  # every MLA layer keeps at least one latent dim
+    pool = []
+    for i in mla_layers:
+        ev = spectra[i] / spectra[i].sum().clamp_min(1e-30)
+        pool += [(float(e), i) for e in ev[1:]]
+    pool.sort(reverse=True)
+    for _, i in pool[: max(rank_budget - len(mla_layers), 0)]:
+        ranks[i] += 1
+    for i in mla_layers:
+        if ranks[i] + rope + extra >= full:
+            specs[i] = FullSpec()
+        else:
+            specs[i] = MLASpec(ranks[i], rope, "2norm")
+    plan = Plan(specs, base_model)
+    expected = full * n / (plan.kv_bytes(geom, context, 1) / context)
+    plan.meta = {"suggested_by": "kvx profile", "target_kv_ratio": target_ratio, "expected_kv_ratio": round(expected, 3), "context": context}
+    return plan

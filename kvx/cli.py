@@ -70,7 +70,6 @@ def _not_yet(name: str):
         _fail(f"'kvx {name}' is not implemented yet")
 
     command.__doc__ = {
-        "profile": "Profile every layer (lazy ratio, KV spectrum, RoPE contribution, ...) and suggest a plan. (not implemented yet)",
         "distill": "Heal a converted model with a short teacher distillation. (not implemented yet)",
         "push": "Push a checkpoint and its model card to the Hub. (not implemented yet)",
         "run": "Run a whole recipe: profile, convert, distill, eval. (not implemented yet)",
@@ -188,6 +187,9 @@ def convert(
         kv["dtype"], f"{kv['baseline']:.0f}", f"{kv['measured']:.0f}", f"{kv['spec']:.0f}", f"{kv['baseline'] / kv['measured']:.2f}x"
     )
     Console().print(table)
+
+
+_register_stub("distill")
 
 
 @app.command("eval")

@@ -265,7 +265,7 @@ def profile(
     from .profile.collect import ProfileSettings, attention_maps, cross_scale_similarity, run_profile
     from .profile.metrics import energy_ranks
     from .profile.report import write_report
-    from .profile.suggest import default_rope_dims, suggest_plan
+    from .profile.suggest import check_room, default_rope_dims, suggest_plan
 
     check_output(Path(out), overwrite)
     window = max(1, seq_len // 8) if window is None else window
@@ -281,6 +281,8 @@ def profile(
     hidden, n_kv, hd = base.config.hidden_size, adapter.n_kv_heads, adapter.head_dim
     r_dims = default_rope_dims(geom, target_kv_ratio) if rope_dims is None else rope_dims
     validate_rope_dims(r_dims, n_kv, hd)
+    if not streaming:
+        check_room(geom, adapter.n_layers, target_kv_ratio, r_dims)
     ref = None
     if reference is not None:
         ref, ref_tok, ref_name = load_model(reference)

@@ -37,7 +37,7 @@ def test_help_lists_every_command():
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["profile", "distill", "push", "run"])
+@pytest.mark.parametrize("command", ["distill", "push", "run"])
 def test_unbuilt_commands_say_so(command):
     assert_one_line_error(kvx(command, "x"), "not implemented yet")
 
@@ -109,3 +109,31 @@ def test_convert_then_eval_json(tiny_dir, tmp_path):
     # qwen2 tiny: 2 KV heads x 16 dims x (K and V) = 64 floats; MLA: 16 latent + 8 RoPE = 24 floats
     assert result["kv_ratio"] == pytest.approx(64 / 24)
     assert result["ppl_ratio"] == pytest.approx(result["model"]["ppl"] / result["baseline"]["ppl"])
+
+
+def test_profile_then_convert_with_its_plan(tiny_dir, tmp_path):
+    src, prof, out = tiny_dir("llama"), tmp_path / "prof", tmp_path / "out"
+    proc = kvx("profile", str(src), "-o", str(prof), "--tokens", "256", "--seq-len", "128", "--target-kv-ratio", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "lazy ratio" in proc.stdout and "expected KV ratio 2.00x" in proc.stdout
+    assert {p.name for p in prof.iterdir()} >= {"report.json", "plan.yaml", "lazy_ratio.png", "rank95.png"}
+    clash = kvx("convert", str(src), "-o", str(out), "--plan", str(prof / "plan.yaml"), "--kv-rank", "8")
+    assert_one_line_error(clash, "--plan sets every layer")
+    proc = kvx("convert", str(src), "-o", str(out), "--plan", str(prof / "plan.yaml"), "--calib-tokens", "1024")
+    assert proc.returncode == 0, proc.stderr
+    assert "2.00x" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--window", "200"], "must be below --seq-len"),
+        (["--rope-dims", "5"], "multiple of"),
+        (["--target-kv-ratio", "40"], "no room for a latent"),
+    ],
+)
+def test_profile_bad_options(tiny_dir, tmp_path, args, fragment):
+    out = tmp_path / "prof"
+    proc = kvx("profile", str(tiny_dir("llama")), "-o", str(out), "--tokens", "256", "--seq-len", "128", *args)
+    assert_one_line_error(proc, fragment)
+    assert not out.exists()

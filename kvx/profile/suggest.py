@@ -24,6 +24,20 @@ def default_rope_dims(geom: CacheGeometry, target_ratio: float) -> int:
     return max(unit, int(0.375 * budget // unit) * unit)
 
 
+def check_room(geom: CacheGeometry, n_layers: int, target_ratio: float, rope_dims: int, budget: float | None = None) -> None:
+    """Fail early when every layer as MLA cannot fit ``target_ratio`` with a latent of at least 1."""
+    if target_ratio < 1:
+        raise KvxError(f"--target-kv-ratio {target_ratio} must be at least 1")
+    full = 2 * geom.n_kv_heads * geom.head_dim
+    budget = n_layers * full / target_ratio if budget is None else budget
+    per_layer = rope_dims + (geom.n_kv_heads if geom.k_norm else 0) + 1
+    if n_layers and int(budget) < n_layers * per_layer:
+        raise KvxError(
+            f"a {target_ratio}x cut leaves no room for a latent with --rope-dims {rope_dims}: "
+            "lower --rope-dims or --target-kv-ratio"
+        )
+
+
 def suggest_plan(
     geom: CacheGeometry,
     spectra: list[torch.Tensor],
@@ -39,8 +53,6 @@ def suggest_plan(
     base_model: str | None = None,
 ) -> Plan:
     """The plan for ``target_ratio`` (base bytes / plan bytes at ``context`` tokens)."""
-    if target_ratio < 1:
-        raise KvxError(f"--target-kv-ratio {target_ratio} must be at least 1")
     n = len(spectra)
     full = 2 * geom.n_kv_heads * geom.head_dim
     rope = default_rope_dims(geom, target_ratio) if rope_dims is None else rope_dims
@@ -55,12 +67,8 @@ def suggest_plan(
                 specs[i] = StreamingSpec(sink, window)
                 budget -= full * min(1.0, (sink + window) / context)
     mla_layers = [i for i in range(n) if specs[i] is None]
+    check_room(geom, len(mla_layers), target_ratio, rope, budget)
     rank_budget = int(budget) - len(mla_layers) * (rope + extra)
-    if mla_layers and rank_budget < len(mla_layers):
-        raise KvxError(
-            f"a {target_ratio}x cut leaves no room for a latent with --rope-dims {rope}: "
-            "lower --rope-dims or --target-kv-ratio"
-        )
     ranks = {i: 1 for i in mla_layers}  # every MLA layer keeps at least one latent dim
     pool = []
     for i in mla_layers:

@@ -96,7 +96,7 @@ def profile(
     topk: Annotated[int, typer.Option(help="k of the step-to-step top-k recall.")] = 16,
     rope_dims: Annotated[int | None, typer.Option(help="RoPE dims per token and layer the plan keeps (default: 3/8 of the budget).")] = None,
     target_kv_ratio: Annotated[float, typer.Option(help="KV-size cut the suggested plan aims for.")] = 4.0,
-    streaming: Annotated[bool, typer.Option(help="Let the plan make lazy layers streaming (convert cannot build them yet).")] = False,
+    streaming: Annotated[bool, typer.Option(help="Let the plan make the laziest layers streaming (sinks + window).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ):
     """Profile every layer (lazy ratio, KV spectrum, RoPE pairs, cross-layer/-scale similarity) and suggest a plan."""
@@ -140,7 +140,7 @@ def profile(
 @app.command()
 def convert(
     model: ModelArg = DEFAULT_MODEL,
-    to: Annotated[str, typer.Option("--to", help="Target attention: 'mla'.")] = "mla",
+    to: Annotated[str, typer.Option("--to", help="Target attention: 'mla' or 'streaming'.")] = "mla",
     out: Annotated[str, typer.Option("-o", "--out", help="Output checkpoint folder.")] = "",
     kv_rank: Annotated[str, typer.Option(help="Latent floats per token and layer, or 'full' (lossless).")] = "full",
     rope_dims: Annotated[
@@ -151,34 +151,44 @@ def convert(
     ] = None,
     calib: Annotated[str, typer.Option(help="Calibration text (as --data), or 'none' for weights-only SVD.")] = "bundled",
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 16384,
-    layers: Annotated[str | None, typer.Option(help="Layers to convert, e.g. '0-9,20' (default all).")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Layers to convert, e.g. '0-9,20' (mla default: all); streaming also 'auto' (laziest half) or a fraction like 0.25.")
+    ] = None,
+    sink: Annotated[int, typer.Option(help="streaming: attention-sink tokens kept.")] = 4,
+    window: Annotated[int, typer.Option(help="streaming: recent tokens kept.")] = 1020,
     plan: Annotated[str | None, typer.Option(help="A per-layer plan (plan.yaml from kvx profile) instead of the options above.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ):
-    """Convert MODEL's attention layers (MLA: SVD/PCA-initialised latent attention)."""
-    from .pipeline import convert_to_mla
+    """Convert MODEL's attention layers: MLA (SVD/PCA-initialised latent attention) or streaming (sinks + window)."""
+    from .pipeline import convert_to_mla, convert_to_streaming
 
-    if to != "mla":
-        _fail(f"--to {to!r} is not implemented yet (available: mla)")
+    if to not in ("mla", "streaming"):
+        _fail(f"--to {to!r} is not implemented yet (available: mla, streaming)")
     if not out:
         _fail("missing -o/--out: where to write the converted checkpoint")
     if plan is not None and (kv_rank != "full" or rope_dims != "all" or layers is not None or rope_select is not None):
         _fail("--plan sets every layer: drop --kv-rank, --rope-dims, --rope-select and --layers")
     with _progress() as progress:
-        result = _run(
-            convert_to_mla,
-            model,
-            out,
-            kv_rank=kv_rank,
-            rope_dims=rope_dims,
-            rope_select=rope_select,
-            calib=calib,
-            calib_tokens=calib_tokens,
-            layers=layers,
-            overwrite=overwrite,
-            progress=progress,
-            plan=plan,
-        )
+        if to == "streaming" and plan is None:
+            result = _run(
+                convert_to_streaming, model, out, layers or "auto", sink, window, data=calib if calib != "none" else "bundled",
+                overwrite=overwrite, progress=progress,
+            )
+        else:
+            result = _run(
+                convert_to_mla,
+                model,
+                out,
+                kv_rank=kv_rank,
+                rope_dims=rope_dims,
+                rope_select=rope_select,
+                calib=calib,
+                calib_tokens=calib_tokens,
+                layers=layers,
+                overwrite=overwrite,
+                progress=progress,
+                plan=plan,
+            )
     kv = result["kv"]
     table = Table(title=f"kvx convert -> {result['out']}", caption=result["plan"].summary())
     for col in ("KV bytes/token", "base", "measured", "plan", "ratio"):

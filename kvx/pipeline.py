@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,7 +124,10 @@ def _check_plan(plan: Plan, adapter, hidden: int) -> None:
         raise KvxError(f"the plan has {len(plan.layers)} layers but the model has {adapter.n_layers}")
     for i, spec in enumerate(plan.layers):
         if isinstance(spec, StreamingSpec):
-            raise KvxError(f"layer {i} is 'streaming': convert cannot build streaming layers yet (edit the plan or profile with --no-streaming)")
+            if spec.sink < 0 or spec.window < 1:
+                raise KvxError(f"layer {i}: streaming needs sink >= 0 and window >= 1 (got {spec.sink}, {spec.window})")
+            if adapter.sliding_window(i) is not None:
+                raise KvxError(f"layer {i} already attends to a local window of {adapter.sliding_window(i)}: it cannot be streaming")
         if isinstance(spec, MLASpec):
             if spec.rope_select not in ROPE_SELECTIONS:
                 raise KvxError(f"layer {i}: unknown rope_select {spec.rope_select!r}")
@@ -144,7 +148,7 @@ def convert_to_mla(
     progress: Progress = _no_progress,
     plan: str | Path | Plan | None = None,
 ) -> dict:
-    """``kvx convert MODEL --to mla`` (uniform, or ``plan``: per-layer specs from ``kvx profile``).
+    """``kvx convert MODEL --to mla`` (uniform), or any per-layer ``plan`` (mla/streaming/full).
 
     Returns a summary: the plan, KV bytes, kept energy per converted layer, the output path.
     """
@@ -171,7 +175,7 @@ def convert_to_mla(
         raise KvxError("--rope-select 2norm needs calibration data: drop --calib none or pick high/low/uniform")
 
     stats = {}
-    if use_calib:
+    if use_calib and mla:
         windows = token_windows(tokenizer, calib, "calib", calib_tokens, calib_seq_len)
         advance = progress("calibrating", windows.numel())
         stats = collect_stats(base, adapter, windows, sorted(mla), on_batch=advance)
@@ -200,7 +204,10 @@ def convert_to_mla(
     plan.meta["conversion"] = {"calib": calib if use_calib else "none", "calib_tokens": calib_tokens if use_calib else 0}
     converted = build_converted(base, plan, weights, adapter.k_norm_eps())
 
-    probe = (torch.arange(calib_seq_len) % base.config.vocab_size)[None]  # cache size does not depend on content
+    # Cache size does not depend on content; streaming layers show their cap only past sink + window.
+    probe_len = max([calib_seq_len] + [2 * (s.sink + s.window) for s in plan.layers if isinstance(s, StreamingSpec)])
+    probe_len = min(probe_len, getattr(base.config, "max_position_embeddings", probe_len))
+    probe = (torch.arange(probe_len) % base.config.vocab_size)[None]
     kv = {
         "baseline": kv_bytes_per_token(base, probe),
         "measured": kv_bytes_per_token(converted, probe),
@@ -214,6 +221,67 @@ def convert_to_mla(
     converted.generation_config = base.generation_config
     save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
     return {"out": str(out), "plan": plan, "kv": kv, "energy_kept": energies}
+
+
+def lazy_layers(
+    model, tokenizer, adapter, data: str, sink: int, window: int, tokens: int = 8192, progress: Progress = _no_progress
+) -> list[float]:
+    """Each layer's lazy ratio on DATA's calibration part, at a length that exceeds sink + window."""
+    from .profile.collect import ProfileSettings, run_profile
+
+    seq_len = min(2 * (sink + window + 1), getattr(model.config, "max_position_embeddings", 1 << 30))
+    if seq_len <= sink + window:
+        raise KvxError(f"sink {sink} + window {window} leaves no room inside the model's {seq_len} positions")
+    windows = token_windows(tokenizer, data, "calib", max(tokens, seq_len), seq_len)
+    settings = ProfileSettings(sink=sink, window=window, topk=1)
+    col = run_profile(model, adapter, windows, settings, on_batch=progress("measuring lazy layers", windows.numel()))
+    return [float(col.layers[i].lazy_per_head.mean()) for i in range(adapter.n_layers)]
+
+
+def streaming_fraction(spec: str) -> float | None:
+    """``auto`` -> 0.5 (LightTransfer's half), ``0.25`` -> 0.25, a layer list -> None."""
+    if spec == "auto":
+        return 0.5
+    if re.fullmatch(r"0?\.\d+", spec):
+        if float(spec) <= 0:
+            raise KvxError(f"--layers {spec}: a fraction must be above 0")
+        return float(spec)
+    return None
+
+
+def choose_streaming_layers(spec: str, lazy: list[float] | None, n_layers: int) -> list[int]:
+    """``auto`` (half), a fraction like ``0.25`` (laziest first) or an explicit layer list."""
+    fraction = streaming_fraction(spec)
+    if fraction is None:
+        return parse_layers(spec, n_layers)
+    ranked = sorted(range(n_layers), key=lambda i: -lazy[i])
+    return sorted(ranked[: max(1, round(fraction * n_layers))])
+
+
+def convert_to_streaming(
+    model: str,
+    out: str | Path,
+    layers: str = "auto",
+    sink: int = 4,
+    window: int = 1020,
+    data: str = "bundled",
+    overwrite: bool = False,
+    progress: Progress = _no_progress,
+) -> dict:
+    """``kvx convert MODEL --to streaming``: the laziest layers (or the listed ones) keep sinks + a window."""
+    check_output(Path(out), overwrite)
+    if sink < 0 or window < 1:
+        raise KvxError(f"--sink must be >= 0 and --window >= 1 (got {sink}, {window})")
+    base, tokenizer, name = load_model(model)
+    adapter = get_adapter(base.config)
+    needs_profile = streaming_fraction(layers) is not None
+    lazy = lazy_layers(base, tokenizer, adapter, data, sink, window, progress=progress) if needs_profile else None
+    chosen = set(choose_streaming_layers(layers, lazy, adapter.n_layers))
+    plan = Plan([StreamingSpec(sink, window) if i in chosen else FullSpec() for i in range(adapter.n_layers)], name)
+    if lazy is not None:
+        plan.meta["lazy_ratio"] = [round(x, 4) for x in lazy]
+    del base
+    return convert_to_mla(model, out, plan=plan, calib="none", overwrite=overwrite, progress=progress)
 
 
 def evaluate(

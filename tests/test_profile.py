@@ -162,13 +162,15 @@ def test_suggestion_allocates_rank_by_spectrum_and_streams_lazy_layers():
         suggest_plan(geom, [flat], [0.1], target_ratio=16.0, rope_dims=2)
 
 
-def test_streaming_plans_are_refused_by_convert(tiny_dir, tmp_path):
+def test_streaming_plan_from_profile_converts(tiny_dir, tmp_path):
     src = tiny_dir("llama")
-    plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text("layers:\n  - {kind: streaming, sink: 4, window: 64}\n  - {kind: full}\n  - {kind: full}\n")
-    with pytest.raises(KvxError, match="streaming"):
-        convert_to_mla(str(src), tmp_path / "out", plan=plan_file)
-    assert not (tmp_path / "out").exists()
+    report = profile(str(src), tmp_path / "prof", streaming=True, lazy_threshold=0.0, **SMALL)
+    kinds = [spec["kind"] for spec in report["suggested_plan"]["layers"]]
+    assert kinds.count("streaming") == 1  # at most half of 3 layers, the laziest
+    laziest = max(range(3), key=lambda i: report["layers"][i]["lazy_ratio"])
+    assert kinds[laziest] == "streaming"
+    convert_to_mla(str(src), tmp_path / "out", plan=tmp_path / "prof" / "plan.yaml", calib_tokens=1024, calib_seq_len=128)
+    assert Plan.from_config(kvx.load(str(tmp_path / "out")).config).layers == Plan.load(tmp_path / "prof" / "plan.yaml").layers
 
 
 def test_reference_with_another_tokenizer_is_refused(tiny_dir, tmp_path, smollm2_dir):

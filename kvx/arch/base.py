@@ -109,23 +109,12 @@ class ArchAdapter:
 
         All supported families rotate with HF's ``rotate_half`` layout; one that does not
         overrides this."""
-        bsz, t, _ = x.shape
+        from ..modeling.modeling_kvx import project_qkv
 
-        def heads(y, n):
-            return y.view(bsz, t, n, self.head_dim).transpose(1, 2)
-
-        q, k = heads(attn.q_proj(x), self.n_heads), heads(attn.k_proj(x), self.n_kv_heads)
-        v = heads(attn.v_proj(x), self.n_kv_heads)
-        qn, kn = self.q_norm(attn), self.k_norm(attn)
-        if qn is not None:
-            q, k = qn(q), kn(k)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-        def rotate(y):
-            half = y.shape[-1] // 2
-            return y * cos + torch.cat([-y[..., half:], y[..., :half]], dim=-1) * sin
-
-        return rotate(q), rotate(k), v
+        return project_qkv(
+            attn.q_proj, attn.k_proj, attn.v_proj, self.q_norm(attn), self.k_norm(attn), x, cos, sin,
+            self.n_heads, self.n_kv_heads, self.head_dim,
+        )
 
     def q_norm(self, attn: nn.Module) -> nn.Module | None:
         """The per-head query norm applied before RoPE, if the family has one."""

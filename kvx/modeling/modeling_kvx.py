@@ -8,7 +8,7 @@ How it works: ``config.json`` is the base model's own config plus a ``kvx`` entr
 holds the per-layer plan. ``KvxForCausalLM`` resolves the base family's native causal-LM
 class (e.g. ``LlamaForCausalLM``), subclasses it once, and after the native ``__init__``
 replaces the attention module of every layer the plan marks ``mla`` with
-``MLAAttention``. Everything else (embeddings, MLP, norms, RoPE, masks, ``generate``)
+``MLAAttention`` and of every ``streaming`` layer with ``StreamingAttention``. Everything else (embeddings, MLP, norms, RoPE, masks, ``generate``)
 stays the family's own code, so every family transformers supports behaves as usual.
 
 MLA layer (DeepSeek-V2 style, upcycled from MHA/GQA):
@@ -58,6 +58,51 @@ class MLASlidingCacheLayer(DynamicSlidingWindowLayer):
     k_rope = MLACacheLayer.k_rope
 
 
+class StreamingCacheLayer(DynamicLayer):
+    """Keeps K/V of the first ``sink`` tokens and the last ``window`` tokens, nothing else.
+
+    ``update`` returns this step's visible keys (kept + new) and records their absolute
+    positions in ``step_positions`` so the attention can mask by position. The mask sizes
+    it reports are those of a full layer (the model's shared full-attention mask may be
+    built from it); ``StreamingAttention`` builds its own mask.
+    """
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, sink: int, window: int):
+        super().__init__()
+        self.sink, self.window = sink, window
+        self.cumulative_length = 0
+        self.positions: torch.Tensor | None = None
+        self.step_positions: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.positions = torch.zeros(0, dtype=torch.long, device=key_states.device)
+        n = key_states.shape[-2]
+        new = torch.arange(self.cumulative_length, self.cumulative_length + n, device=key_states.device)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        positions = torch.cat([self.positions, new])
+        self.cumulative_length += n
+        keep = (positions < self.sink) | (positions >= self.cumulative_length - self.window)
+        self.keys, self.values, self.positions = keys[:, :, keep], values[:, :, keep], positions[keep]
+        self.step_positions = positions
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions = self.step_positions = None
+
+
 def cache_nbytes(cache: Cache) -> int:
     """Bytes the cache object really holds, summed over layers."""
     total = 0
@@ -76,6 +121,28 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     m = x.shape[-1] // 2
     x1, x2 = x[..., :m], x[..., m:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's RoPE (``rotate_half`` layout) with ``cos``/``sin`` of shape ``[B, T, head_dim]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def project_qkv(q_proj, k_proj, v_proj, q_norm, k_norm, x, cos, sin, n_heads, n_kv, head_dim):
+    """A base attention layer's q, k (per-head norms, RoPE) and v, as ``[B, heads, T, head_dim]``."""
+    bsz, t, _ = x.shape
+
+    def heads(y, n):
+        return y.view(bsz, t, n, head_dim).transpose(1, 2)
+
+    q, k, v = heads(q_proj(x), n_heads), heads(k_proj(x), n_kv), heads(v_proj(x), n_kv)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    return rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin), v
 
 
 def _pair_angles(cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +310,57 @@ class MLAAttention(nn.Module):
         return out
 
 
+class StreamingAttention(nn.Module):
+    """Attention sinks + a recent window (LightTransfer / StreamingLLM) over the base weights.
+
+    Query at absolute position ``p`` attends keys ``j <= p`` with ``j < sink`` or
+    ``j >= p - window``: exactly full attention while the sequence has at most
+    ``sink + window + 1`` tokens. Keys keep the RoPE of their original positions (no
+    re-rotation into cache positions): exact below the window, and right for contexts
+    within what the model was trained on. Long prompts are processed a chunk of queries at
+    a time against only the keys they can see, so no full attention matrix is formed.
+    Padding masks are not applied here: batch sequences of equal length.
+    """
+
+    chunk = 512
+
+    def __init__(self, base: nn.Module, spec: dict, config):
+        super().__init__()
+        self.layer_idx = base.layer_idx
+        self.scaling = float(base.scaling)
+        self.head_dim = int(base.head_dim)
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.q_norm = getattr(base, "q_norm", None)
+        self.k_norm = getattr(base, "k_norm", None)
+        self.sink, self.window = int(spec["sink"]), int(spec["window"])
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        bsz, t, _ = hidden_states.shape
+        q, k, v = project_qkv(
+            self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm, hidden_states,
+            *position_embeddings, self.n_heads, self.n_kv, self.head_dim,
+        )
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+            key_pos = past_key_values.layers[self.layer_idx].step_positions
+        else:
+            key_pos = torch.arange(t, device=q.device)
+        q_pos = key_pos[-t:]
+        group = self.n_heads // self.n_kv
+        outs = []
+        for c0 in range(0, t, self.chunk):
+            qp = q_pos[c0 : c0 + self.chunk]
+            visible = (key_pos < self.sink) | ((key_pos >= qp[0] - self.window) & (key_pos <= qp[-1]))
+            kp = key_pos[visible]
+            mask = (kp[None] <= qp[:, None]) & ((kp[None] < self.sink) | (kp[None] >= qp[:, None] - self.window))
+            ks = k[:, :, visible].repeat_interleave(group, dim=1)
+            vs = v[:, :, visible].repeat_interleave(group, dim=1)
+            outs.append(F.scaled_dot_product_attention(q[:, :, c0 : c0 + self.chunk], ks, vs, attn_mask=mask, scale=self.scaling))
+        out = torch.cat(outs, dim=2).transpose(1, 2).reshape(bsz, t, -1)
+        return self.o_proj(out), None
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -252,27 +370,30 @@ def kvx_layers(config) -> list[dict]:
 
 
 def apply_kvx_plan(model: nn.Module) -> None:
-    """Swap the attention of every ``mla`` layer of a freshly built base model."""
+    """Swap the attention of every ``mla``/``streaming`` layer of a freshly built base model."""
     config = model.config
     meta = getattr(config, KVX_CONFIG_KEY)
     decoder_layers = model.model.layers
     for idx, spec in enumerate(meta["layers"]):
-        if spec["kind"] == "full":
-            continue
-        if spec["kind"] != "mla":
-            raise ValueError(f"layer {idx}: spec kind {spec['kind']!r} is not supported by this runtime")
         base = decoder_layers[idx].self_attn
-        decoder_layers[idx].self_attn = MLAAttention(base, spec, config, meta.get("k_norm_eps"))
+        if spec["kind"] == "mla":
+            decoder_layers[idx].self_attn = MLAAttention(base, spec, config, meta.get("k_norm_eps"))
+        elif spec["kind"] == "streaming":
+            decoder_layers[idx].self_attn = StreamingAttention(base, spec, config)
+        elif spec["kind"] != "full":
+            raise ValueError(f"layer {idx}: spec kind {spec['kind']!r} is not supported by this runtime")
 
 
 def make_cache(config) -> Cache:
-    """One cache layer per decoder layer: MLA layers hold latents, others full or sliding K/V."""
+    """One cache layer per decoder layer: MLA layers hold latents, streaming layers sinks + window, others full or sliding K/V."""
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     layers = []
     for spec, layer_type in zip(kvx_layers(config), layer_types):
         sliding = layer_type == "sliding_attention"
         if spec["kind"] == "mla":
             layers.append(MLASlidingCacheLayer(config.sliding_window) if sliding else MLACacheLayer())
+        elif spec["kind"] == "streaming":
+            layers.append(StreamingCacheLayer(int(spec["sink"]), int(spec["window"])))
         else:
             layers.append(DynamicSlidingWindowLayer(config.sliding_window) if sliding else DynamicLayer())
     return Cache(layers=layers)

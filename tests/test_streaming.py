@@ -1,0 +1,141 @@
+"""Streaming layers: exact below sinks + window, a cache that stops growing, hybrids that load anywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+import kvx
+from kvx.errors import KvxError
+from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
+from kvx.modeling.modeling_kvx import MLAAttention, StreamingAttention, StreamingCacheLayer
+from kvx.pipeline import choose_streaming_layers, convert_to_mla, convert_to_streaming
+from kvx.plan import FullSpec, MLASpec, Plan, StreamingSpec
+
+from .test_real_smollm2 import RELOAD_WITHOUT_KVX
+
+
+def _reference_streaming(base, ids, sink, window, layers):
+    """The base model with each streaming layer's attention restricted by an explicit mask:
+    an independent implementation of the rule (keys j <= p with j < sink or j >= p - window)."""
+    from kvx.arch import get_adapter
+    from kvx.modeling.modeling_kvx import project_qkv
+
+    a = get_adapter(base.config)
+    t = ids.shape[-1]
+    p = torch.arange(t)
+    allowed = (p[None] <= p[:, None]) & ((p[None] < sink) | (p[None] >= p[:, None] - window))
+
+    def forward_for(attn):
+        def forward(hidden_states, position_embeddings=None, **kwargs):
+            q, k, v = project_qkv(
+                attn.q_proj, attn.k_proj, attn.v_proj, a.q_norm(attn), a.k_norm(attn), hidden_states,
+                *position_embeddings, a.n_heads, a.n_kv_heads, a.head_dim,
+            )
+            g = a.n_heads // a.n_kv_heads
+            scores = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * attn.scaling
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            out = (probs @ v.repeat_interleave(g, 1)).transpose(1, 2).reshape(*hidden_states.shape[:2], -1)
+            return attn.o_proj(out), None
+
+        return forward
+
+    originals = {}
+    for i in layers:
+        attn = a.attention(base, i)
+        originals[i] = attn.forward
+        attn.forward = forward_for(attn)
+    try:
+        with torch.no_grad():
+            return base(ids, use_cache=False).logits
+    finally:
+        for i, f in originals.items():
+            a.attention(base, i).forward = f
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_short_sequences_are_exact_and_long_ones_follow_the_window_rule(family, tiny_dir, tmp_path):
+    src = tiny_dir(family)
+    out = tmp_path / "stream"
+    convert_to_streaming(str(src), out, layers="0,2", sink=2, window=12)
+    conv = kvx.load(str(out))
+    base = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert isinstance(conv.model.layers[0].self_attn, StreamingAttention)
+    short = torch.randint(0, 1000, (2, 15))  # 15 = sink + window + 1: every query sees everything
+    with torch.no_grad():
+        assert_close(conv(short).logits, base(short).logits, atol=1e-5, rtol=0)
+    long = torch.randint(0, 1000, (1, 80))
+    StreamingAttention.chunk = 16  # several chunks, so the chunked prefill is exercised
+    try:
+        with torch.no_grad():
+            got = conv(long).logits
+    finally:
+        StreamingAttention.chunk = 512
+    assert_close(got, _reference_streaming(base, long, 2, 12, [0, 2]), atol=1e-5, rtol=0)
+    assert (got - base(long).logits).abs().max() > 1e-3  # the window really cut something
+
+
+def test_cache_stops_growing_and_decoding_matches_prefill(tiny_dir, tmp_path):
+    src = tiny_dir("llama")
+    out = tmp_path / "stream"
+    convert_to_streaming(str(src), out, layers="1", sink=3, window=10)
+    conv = kvx.load(str(out))
+    ids = torch.randint(0, 1000, (1, 40))
+    cache = new_cache(conv)
+    with torch.no_grad():
+        conv(ids[:, :5], past_key_values=cache)
+        steps = [conv(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(5, 40)]
+        full = conv(ids, use_cache=False).logits[:, 5:]
+    assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=0)
+    layer = cache.layers[1]
+    assert isinstance(layer, StreamingCacheLayer)
+    assert layer.keys.shape[-2] == 13 and layer.positions.tolist() == [0, 1, 2] + list(range(30, 40))
+    assert cache.layers[0].keys.shape[-2] == 40
+    res = conv.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert res.past_key_values.layers[1].keys.shape[-2] == 13
+    assert res.past_key_values.get_seq_length() == 47
+    assert kv_bytes_per_token(conv, ids) == kv_bytes_per_token_spec(conv, 40)
+
+
+def test_hybrid_plan_converts_reloads_without_kvx_and_generates(tiny_dir, tmp_path, tokenizer):
+    src = tiny_dir("qwen2")
+    plan = Plan([MLASpec(16, 8, "high"), StreamingSpec(2, 8), FullSpec()])
+    out = tmp_path / "hybrid"
+    convert_to_mla(str(src), out, plan=plan, calib_tokens=1024, calib_seq_len=128)
+    conv = kvx.load(str(out))
+    assert [type(layer.self_attn).__name__ for layer in conv.model.layers] == ["MLAAttention", "StreamingAttention", "Qwen2Attention"]
+    ids = tokenizer("And it came to pass in those days, that there went out a decree", return_tensors="pt").input_ids
+    assert kv_bytes_per_token(conv, ids) == kv_bytes_per_token_spec(conv, ids.shape[-1])
+    local = conv.generate(ids, max_new_tokens=6, do_sample=False)[0].tolist()
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD_WITHOUT_KVX, str(out), str(ids.tolist())], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["kvx_imported"] is False and got["tokens"] == local
+    assert isinstance(conv.model.layers[0].self_attn, MLAAttention)
+
+
+def test_auto_picks_the_laziest_layers(tiny_dir, tmp_path):
+    assert choose_streaming_layers("auto", [0.1, 0.9, 0.5, 0.95], 4) == [1, 3]
+    assert choose_streaming_layers("0.25", [0.1, 0.9, 0.5, 0.95], 4) == [3]
+    assert choose_streaming_layers("0,2", None, 4) == [0, 2]
+    out = tmp_path / "auto"
+    convert_to_streaming(str(tiny_dir("llama")), out, layers="auto", sink=2, window=30)
+    plan = Plan.from_config(kvx.load(str(out)).config)
+    lazy = plan.meta["lazy_ratio"]
+    streaming = [i for i, s in enumerate(plan.layers) if isinstance(s, StreamingSpec)]
+    assert len(streaming) == 2 and min(lazy[i] for i in streaming) >= max(lazy[i] for i in range(3) if i not in streaming)
+
+
+def test_streaming_refused_on_local_window_layers(tiny_dir, tmp_path):
+    with pytest.raises(KvxError, match="already attends to a local window"):
+        convert_to_streaming(str(tiny_dir("gemma3")), tmp_path / "out", layers="0", sink=2, window=8)
+    assert not (tmp_path / "out").exists()

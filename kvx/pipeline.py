@@ -15,7 +15,7 @@ from .checkpoint import atomic_dir, check_output, save_checkpoint
 from .convert.mla import ROPE_SELECTIONS, convert_layer_to_mla, full_rank, validate_mla_dims, validate_rope_dims
 from .data import token_windows
 from .errors import KvxError
-from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec
+from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec, long_context
 from .hub import model_card
 from .loading import load_model
 from .modeling.modeling_kvx import MLAAttention, kvx_class_for
@@ -290,9 +290,16 @@ def evaluate(
     data: str = "bundled",
     max_tokens: int = 8192,
     seq_len: int = 512,
+    long: list[int] | None = None,
+    long_tail: int = 1024,
+    long_docs: int = 4,
     progress: Progress = _no_progress,
 ) -> dict:
-    """``kvx eval``: the JSON object with model/baseline rows and kv_ratio/ppl_ratio."""
+    """``kvx eval``: the JSON object with model/baseline rows and kv_ratio/ppl_ratio
+    (plus, for each ``long`` context, tail perplexity and cache bytes of long documents)."""
+    for ctx in long or []:
+        if not 0 < long_tail < ctx:
+            raise KvxError(f"--long-tail {long_tail} must be below every --long context ({ctx})")
     rows = []
     for ref in (model, baseline):
         if ref is None:
@@ -302,6 +309,14 @@ def evaluate(
         advance = progress(f"evaluating {ref}", max_tokens // seq_len * seq_len)
         row = evaluate_model(m, tok, data, max_tokens, seq_len, on_batch=advance)
         row["name"] = ref
+        if long:
+            limit = getattr(m.config, "max_position_embeddings", None)
+            if limit and max(long) > limit:
+                raise KvxError(f"--long {max(long)} exceeds {ref}'s {limit} positions")
+            row["long"] = {
+                str(ctx): long_context(m, tok, data, ctx, long_tail, long_docs, on_doc=progress(f"{ref} at {ctx} tokens", long_docs))
+                for ctx in long
+            }
         rows.append(row)
         del m
     return compare(rows[0], rows[1])

@@ -139,3 +139,29 @@ def test_streaming_refused_on_local_window_layers(tiny_dir, tmp_path):
     with pytest.raises(KvxError, match="already attends to a local window"):
         convert_to_streaming(str(tiny_dir("gemma3")), tmp_path / "out", layers="0", sink=2, window=8)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_long_context_reports_tail_perplexity_and_capped_cache(tiny_dir, tmp_path):
+    from kvx.pipeline import evaluate
+
+    src = tiny_dir("llama")
+    out = tmp_path / "stream"
+    convert_to_streaming(str(src), out, layers="0,2", sink=2, window=12)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, word in enumerate(("alpha beta gamma delta ", "one two three four five ")):
+        (docs / f"{i}.txt").write_text(word * 120)
+    (docs / "short.txt").write_text("too short")
+    result = evaluate(str(out), str(src), str(docs), max_tokens=256, seq_len=64, long=[200], long_tail=50, long_docs=5)
+    row, base = result["model"]["long"]["200"], result["baseline"]["long"]["200"]
+    assert row["docs"] == base["docs"] == 2 and row["tail"] == 50
+    assert row["kv_bytes_per_token"] == row["kv_bytes_per_token_spec"]
+    full_layer = 2 * 2 * 16 * 4  # bytes per token of one full layer (float32)
+    assert base["kv_bytes_per_token"] == 3 * full_layer
+    assert row["kv_bytes_per_token"] == pytest.approx((full_layer * 200 + 2 * full_layer * 14) / 200)
+    assert result["long_context"]["200"]["kv_ratio"] == pytest.approx(base["kv_bytes_per_token"] / row["kv_bytes_per_token"])
+    assert row["ppl_tail"] > 1 and base["ppl_tail"] > 1
+    with pytest.raises(KvxError, match="has 510 tokens"):
+        evaluate(str(out), None, str(docs), max_tokens=256, seq_len=64, long=[510], long_tail=50)
+    with pytest.raises(KvxError, match="exceeds"):
+        evaluate(str(out), None, str(docs), max_tokens=256, seq_len=64, long=[5000], long_tail=50)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from ..data import token_windows
 from .kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from .long import long_context
 from .perplexity import perplexity
 
 
@@ -31,13 +32,22 @@ def evaluate_model(
 
 
 def compare(model_row: dict, baseline_row: dict | None) -> dict:
-    """The ``kvx eval --json`` object: rows plus ratios (kv: baseline/model, ppl: model/baseline)."""
+    """The ``kvx eval --json`` object: rows plus ratios (kv: baseline/model, ppl: model/baseline),
+    and the same ratios per long context under ``long_context`` when measured."""
     out = {"model": model_row}
     if baseline_row is not None:
         out["baseline"] = baseline_row
         out["kv_ratio"] = baseline_row["kv_bytes_per_token"] / model_row["kv_bytes_per_token"]
         out["ppl_ratio"] = model_row["ppl"] / baseline_row["ppl"]
+        if model_row.get("long"):
+            out["long_context"] = {
+                ctx: {
+                    "kv_ratio": baseline_row["long"][ctx]["kv_bytes_per_token"] / row["kv_bytes_per_token"],
+                    "ppl_ratio": row["ppl_tail"] / baseline_row["long"][ctx]["ppl_tail"],
+                }
+                for ctx, row in model_row["long"].items()
+            }
     return out
 
 
-__all__ = ["compare", "evaluate_model", "kv_bytes_per_token", "kv_bytes_per_token_spec", "perplexity"]
+__all__ = ["compare", "evaluate_model", "long_context", "kv_bytes_per_token", "kv_bytes_per_token_spec", "perplexity"]

@@ -150,7 +150,7 @@ def test_eval_long_context_reports_tail_perplexity_and_capped_cache(tiny_dir, tm
     docs = tmp_path / "docs"
     docs.mkdir()
     for i, word in enumerate(("alpha beta gamma delta ", "one two three four five ")):
-        (docs / f"{i}.txt").write_text(word * 120)
+        (docs / f"{i}.txt").write_text(word * 60)
     (docs / "short.txt").write_text("too short")
     result = evaluate(str(out), str(src), str(docs), max_tokens=256, seq_len=64, long=[200], long_tail=50, long_docs=5)
     row, base = result["model"]["long"]["200"], result["baseline"]["long"]["200"]

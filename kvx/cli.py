@@ -157,6 +157,9 @@ def convert(
     sink: Annotated[int, typer.Option(help="streaming: attention-sink tokens kept.")] = 4,
     window: Annotated[int, typer.Option(help="streaming: recent tokens kept.")] = 1020,
     plan: Annotated[str | None, typer.Option(help="A per-layer plan (plan.yaml from kvx profile) instead of the options above.")] = None,
+    export: Annotated[
+        str | None, typer.Option(help="Also write OUT-native: 'native' = base weights + transformers layer_types (full + sink-free streaming plans, Qwen2/Qwen3).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ):
     """Convert MODEL's attention layers: MLA (SVD/PCA-initialised latent attention) or streaming (sinks + window)."""
@@ -172,7 +175,7 @@ def convert(
         if to == "streaming" and plan is None:
             result = _run(
                 convert_to_streaming, model, out, layers or "auto", sink, window, data=calib if calib != "none" else "bundled",
-                overwrite=overwrite, progress=progress,
+                overwrite=overwrite, progress=progress, export=export,
             )
         else:
             result = _run(
@@ -188,6 +191,7 @@ def convert(
                 overwrite=overwrite,
                 progress=progress,
                 plan=plan,
+                export=export,
             )
     kv = result["kv"]
     table = Table(title=f"kvx convert -> {result['out']} (cache after {kv['tokens']} tokens)", caption=result["plan"].summary())
@@ -197,6 +201,8 @@ def convert(
         kv["dtype"], f"{kv['baseline']:.0f}", f"{kv['measured']:.0f}", f"{kv['spec']:.0f}", f"{kv['baseline'] / kv['measured']:.2f}x"
     )
     Console().print(table)
+    if "native" in result:
+        Console().print(f"native transformers checkpoint (no remote code): {result['native']}")
 
 
 _register_stub("distill")

@@ -16,6 +16,7 @@ from .convert.mla import ROPE_SELECTIONS, convert_layer_to_mla, full_rank, valid
 from .data import token_windows
 from .errors import KvxError
 from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec, long_context
+from .export import export_native, native_layer_types
 from .hub import model_card
 from .loading import load_model
 from .modeling.modeling_kvx import MLAAttention, kvx_class_for
@@ -147,6 +148,7 @@ def convert_to_mla(
     overwrite: bool = False,
     progress: Progress = _no_progress,
     plan: str | Path | Plan | None = None,
+    export: str | None = None,
 ) -> dict:
     """``kvx convert MODEL --to mla`` (uniform), or any per-layer ``plan`` (mla/streaming/full).
 
@@ -170,6 +172,7 @@ def convert_to_mla(
         _check_plan(plan, adapter, hidden)
         plan = Plan(plan.layers, name, {k: v for k, v in plan.meta.items() if k != "conversion"})
         how = "a per-layer plan"
+    native_out = _check_export(export, plan, adapter, out, overwrite)
     mla = {i: s for i, s in enumerate(plan.layers) if isinstance(s, MLASpec)}
     if not use_calib and any(s.rope_select == "2norm" for s in mla.values()):
         raise KvxError("--rope-select 2norm needs calibration data: drop --calib none or pick high/low/uniform")
@@ -220,7 +223,23 @@ def convert_to_mla(
         extra["mean share of [K_nope; V] energy kept by the latent"] = f"{sum(energies) / len(energies):.4f}"
     converted.generation_config = base.generation_config
     save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
-    return {"out": str(out), "plan": plan, "kv": kv, "energy_kept": energies}
+    result = {"out": str(out), "plan": plan, "kv": kv, "energy_kept": energies}
+    if native_out is not None:
+        result["native"] = str(export_native(base, tokenizer, adapter, plan, native_out, overwrite))
+    return result
+
+
+def _check_export(export: str | None, plan: Plan, adapter, out: Path, overwrite: bool) -> Path | None:
+    """Validate ``--export`` before any work; returns where the export goes."""
+    if export is None:
+        return None
+    if export != "native":
+        raise KvxError(f"--export {export!r} is not available (available: native)")
+    native_layer_types(plan)
+    adapter.native_sliding_config(["full_attention"] * adapter.n_layers, 2)
+    target = out.with_name(out.name + "-native")
+    check_output(target, overwrite)
+    return target
 
 
 def lazy_layers(
@@ -267,6 +286,7 @@ def convert_to_streaming(
     data: str = "bundled",
     overwrite: bool = False,
     progress: Progress = _no_progress,
+    export: str | None = None,
 ) -> dict:
     """``kvx convert MODEL --to streaming``: the laziest layers (or the listed ones) keep sinks + a window."""
     check_output(Path(out), overwrite)
@@ -281,7 +301,7 @@ def convert_to_streaming(
     if lazy is not None:
         plan.meta["lazy_ratio"] = [round(x, 4) for x in lazy]
     del base
-    return convert_to_mla(model, out, plan=plan, calib="none", overwrite=overwrite, progress=progress)
+    return convert_to_mla(model, out, plan=plan, calib="none", overwrite=overwrite, progress=progress, export=export)
 
 
 def evaluate(

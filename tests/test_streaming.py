@@ -165,3 +165,25 @@ def test_eval_long_context_reports_tail_perplexity_and_capped_cache(tiny_dir, tm
         evaluate(str(out), None, str(docs), max_tokens=256, seq_len=64, long=[510], long_tail=50)
     with pytest.raises(KvxError, match="exceeds"):
         evaluate(str(out), None, str(docs), max_tokens=256, seq_len=64, long=[5000], long_tail=50)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_native_sliding_export_matches_kvx_runtime(family, tiny_dir, tmp_path):
+    src = tiny_dir(family)
+    out = tmp_path / "stream"
+    result = convert_to_streaming(str(src), out, layers="0,2", sink=0, window=12, export="native")
+    native = AutoModelForCausalLM.from_pretrained(result["native"]).eval()  # no remote code
+    assert native.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    conv = kvx.load(str(out))
+    ids = torch.randint(0, 1000, (1, 50))
+    with torch.no_grad():
+        assert_close(native(ids).logits, conv(ids).logits, atol=1e-5, rtol=0)
+        assert (conv(ids).logits - AutoModelForCausalLM.from_pretrained(src)(ids).logits).abs().max() > 1e-3
+
+
+def test_native_export_refuses_what_it_cannot_express(tiny_dir, tmp_path):
+    with pytest.raises(KvxError, match="no sinks"):
+        convert_to_streaming(str(tiny_dir("qwen3")), tmp_path / "a", layers="0", sink=4, window=12, export="native")
+    with pytest.raises(KvxError, match="no native per-layer sliding-window config"):
+        convert_to_streaming(str(tiny_dir("llama")), tmp_path / "b", layers="0", sink=0, window=12, export="native")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

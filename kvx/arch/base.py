@@ -116,6 +116,13 @@ class ArchAdapter:
             self.n_heads, self.n_kv_heads, self.head_dim,
         )
 
+    def native_sliding_config(self, layer_types: list[str], window: int):
+        """A copy of the config whose own ``layer_types`` give these layers a sliding window of
+        ``window`` keys (query included), or a ``KvxError`` when the family has no such config."""
+        from ..errors import KvxError
+
+        raise KvxError(f"{self.family} has no native per-layer sliding-window config; keep the kvx checkpoint")
+
     def q_norm(self, attn: nn.Module) -> nn.Module | None:
         """The per-head query norm applied before RoPE, if the family has one."""
         return None

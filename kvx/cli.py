@@ -70,7 +70,6 @@ def _not_yet(name: str):
         _fail(f"'kvx {name}' is not implemented yet")
 
     command.__doc__ = {
-        "distill": "Heal a converted model with a short teacher distillation. (not implemented yet)",
         "push": "Push a checkpoint and its model card to the Hub. (not implemented yet)",
         "run": "Run a whole recipe: profile, convert, distill, eval. (not implemented yet)",
     }[name]
@@ -205,7 +204,44 @@ def convert(
         Console().print(f"native transformers checkpoint (no remote code): {result['native']}")
 
 
-_register_stub("distill")
+@app.command()
+def distill(
+    student: Annotated[str, typer.Argument(help="The converted model to heal (a kvx checkpoint, or any model with --teacher).")],
+    out: Annotated[str, typer.Option("-o", "--out", help="Output folder: the healed checkpoint, metrics.jsonl, checkpoints/.")] = "",
+    teacher: Annotated[str | None, typer.Option(help="Teacher (default: the model STUDENT was converted from); same tokenizer.")] = None,
+    data: Annotated[str, typer.Option(help="Training text: 'bundled', a file/folder, hf:NAME, or 'teacher' (text the teacher writes).")] = "bundled",
+    tokens: Annotated[int, typer.Option(help="Training tokens.")] = 262_144,
+    seq_len: Annotated[int, typer.Option(help="Sequence length.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch (per process).")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up 5%, linear decay).")] = 1e-4,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL.")] = 1.0,
+    loss: Annotated[str, typer.Option(help="kl | kl+ce | kl+hidden.")] = "kl",
+    train: Annotated[str, typer.Option(help="converted (only weights the conversion created) | all | lora.")] = "converted",
+    eval_every: Annotated[int, typer.Option(help="Evaluation perplexity every K steps (0: only at the end).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every K steps (0: none).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue OUT from its last checkpoint.")] = False,
+    mixed_precision: Annotated[str, typer.Option(help="no | bf16 | fp16 (accelerate).")] = "no",
+    seed: Annotated[int, typer.Option(help="Seed of the data order and sampling.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Start OUT over if it exists.")] = False,
+):
+    """Heal a converted model with a short teacher distillation (accelerate: CPU, GPU, or accelerate launch)."""
+    from .pipeline import distill as run
+
+    if not out:
+        _fail("missing -o/--out: where to write the healed checkpoint")
+    with _progress() as progress:
+        summary = _run(
+            run, student, out, teacher=teacher, data=data, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+            grad_accum=grad_accum, lr=lr, temperature=temperature, loss=loss, train=train, eval_every=eval_every,
+            save_every=save_every, resume=resume, overwrite=overwrite, seed=seed, mixed_precision=mixed_precision,
+            progress=progress,
+        )
+    if "ppl_after" in summary:
+        Console().print(
+            f"{summary['steps']} steps in {summary['seconds']:.0f} s: perplexity {summary['ppl_before']:.3f} -> "
+            f"{summary['ppl_after']:.3f} (teacher {summary['ppl_teacher']:.3f}). Wrote {out}"
+        )
 
 
 @app.command("eval")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from .checkpoint import atomic_dir, check_output, save_checkpoint
 from .convert.mla import ROPE_SELECTIONS, convert_layer_to_mla, full_rank, validate_mla_dims, validate_rope_dims
 from .data import token_windows
 from .errors import KvxError
-from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec, long_context
+from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec, long_context, perplexity
 from .export import export_native, native_layer_types
 from .hub import model_card
 from .loading import load_model
@@ -205,6 +209,7 @@ def convert_to_mla(
     energies = [w.energy_kept for w in weights.values()]
 
     plan.meta["conversion"] = {"calib": calib if use_calib else "none", "calib_tokens": calib_tokens if use_calib else 0}
+    plan.meta["source"] = str(Path(model).resolve()) if Path(model).exists() else model  # the default teacher
     converted = build_converted(base, plan, weights, adapter.k_norm_eps())
 
     # Cache size does not depend on content; streaming layers show their cap only past sink + window.
@@ -472,3 +477,95 @@ def profile(
         files = write_report(report, plan, tmp)
     report["files"] = [str(Path(out) / f.name) for f in files]
     return report
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move a finished checkpoint's files into ``dst`` (which holds logs), config.json last:
+    until it lands, ``dst`` is not a loadable model, so it is never a half-written one."""
+    dst.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in src.iterdir())
+    for name in [n for n in names if n != "config.json"] + ["config.json"]:
+        target = dst / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(src / name, target)
+    shutil.rmtree(src, ignore_errors=True)
+
+
+def distill(
+    student: str,
+    out: str | Path,
+    teacher: str | None = None,
+    data: str = "bundled",
+    tokens: int = 262_144,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    temperature: float = 1.0,
+    loss: str = "kl",
+    train: str = "converted",
+    eval_every: int = 0,
+    save_every: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    eval_tokens: int = 4096,
+    mixed_precision: str = "no",
+    progress: Progress = _no_progress,
+) -> dict:
+    """``kvx distill``: train STUDENT towards TEACHER (default: the model it was converted from)."""
+    from .distill import DistillConfig, run_distill, training_windows
+
+    cfg = DistillConfig(tokens, seq_len, batch_size, grad_accum, lr, 0.05, temperature, loss, train, eval_every, save_every, seed, mixed_precision)
+    cfg.check()
+    out = Path(out)
+    if resume and not out.exists():
+        raise KvxError(f"--resume: {out} does not exist")
+    if out.exists() and not resume:
+        if not overwrite:
+            raise KvxError(f"output {out} already exists (pass --resume to continue it or --overwrite to start over)")
+        shutil.rmtree(out)
+    s_model, tok, s_name = load_model(student)
+    plan = Plan.from_config(s_model.config)
+    teacher = teacher or plan.meta.get("source")
+    if teacher is None:
+        raise KvxError(f"{student} records no source model: pass --teacher")
+    t_model, t_tok, t_name = load_model(teacher)
+    if t_tok.get_vocab() != tok.get_vocab():
+        raise KvxError(f"teacher {teacher} has another vocabulary than the student: logits cannot be compared")
+    windows = training_windows(t_model, tok, data, tokens, seq_len, seed, progress("teacher writes text", tokens) if data == "teacher" else None)
+    eval_windows = token_windows(tok, "bundled" if data == "teacher" else data, "eval", eval_tokens, seq_len)
+    ppl_before = perplexity(s_model, eval_windows)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    res = run_distill(s_model, t_model, windows, eval_windows, cfg, out, resume, progress)
+    accelerator, trained = res["accelerator"], res["student"]
+    summary = {"steps": res["steps"], "ppl_before": ppl_before, "seconds": time.perf_counter() - started}
+    if accelerator.is_main_process:
+        summary["ppl_after"] = perplexity(trained, eval_windows.to(accelerator.device))
+        summary["ppl_teacher"] = perplexity(t_model, eval_windows.to(accelerator.device))
+        probe = eval_windows[:1].to(accelerator.device)
+        kv = {
+            "baseline": kv_bytes_per_token(t_model, probe),
+            "measured": kv_bytes_per_token(trained, probe),
+            "spec": kv_bytes_per_token_spec(trained, probe.shape[-1]),
+            "tokens": probe.shape[-1],
+            "dtype": str(next(trained.parameters()).dtype).replace("torch.", ""),
+        }
+        trained_tokens = res["steps"] * batch_size * grad_accum * seq_len * accelerator.num_processes
+        plan.meta["distillation"] = {"teacher": teacher, "data": data, "tokens": trained_tokens, "loss": loss, "train": train}
+        if getattr(trained.config, "kvx", None):
+            trained.config.kvx = {**trained.config.kvx, "distillation": plan.meta["distillation"]}
+        extra = {
+            "distillation": f"{trained_tokens} tokens of {data} from {teacher}, loss {loss}, trained {train}, {summary['seconds']:.0f} s",
+            "perplexity (bundled/eval windows)": f"{ppl_before:.3f} before, {summary['ppl_after']:.3f} after, teacher {summary['ppl_teacher']:.3f}",
+        }
+        final = out.parent / f".{out.name}.final-tmp"
+        if final.exists():
+            shutil.rmtree(final)
+        save_checkpoint(trained, tok, final, lambda _: model_card(plan.base_model or s_name, plan, kv, extra))
+        _move_into(final, out)
+        (out / "distill_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary

@@ -37,7 +37,7 @@ def test_help_lists_every_command():
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["distill", "push", "run"])
+@pytest.mark.parametrize("command", ["push", "run"])
 def test_unbuilt_commands_say_so(command):
     assert_one_line_error(kvx(command, "x"), "not implemented yet")
 

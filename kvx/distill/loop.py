@@ -1,0 +1,166 @@
+"""The distillation loop, on accelerate: one CPU, one GPU, or ``accelerate launch`` across many.
+
+Resumable exactly: the training order is a fixed permutation of the windows (from the seed),
+checkpoints are accelerate states (model, optimizer, scheduler, RNG) written to a temporary
+folder and renamed, and a resumed run skips the batches already seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..errors import KvxError
+from ..eval.perplexity import perplexity
+from .losses import LOSSES, distill_loss
+
+CREATED_BY_CONVERSION = ("kv_a_proj", "kv_b_proj", "k_rope_proj")
+
+
+@dataclass
+class DistillConfig:
+    tokens: int
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: float = 0.05
+    temperature: float = 1.0
+    loss: str = "kl"
+    train: str = "converted"
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise KvxError(f"unknown --loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        if self.train not in ("converted", "all", "lora"):
+            raise KvxError(f"unknown --train {self.train!r} (choose from converted, all, lora)")
+        if self.train == "lora":
+            raise KvxError("--train lora is not implemented yet (use converted or all)")
+        if self.tokens < self.batch_size * self.seq_len * self.grad_accum:
+            raise KvxError(
+                f"--tokens {self.tokens} is less than one optimizer step "
+                f"({self.batch_size} x {self.seq_len} tokens x {self.grad_accum} accumulation)"
+            )
+
+
+def select_trainable(model, mode: str) -> list[torch.nn.Parameter]:
+    """``converted``: only what the conversion created (MLA projections); ``all``: everything."""
+    for p in model.parameters():
+        p.requires_grad_(mode == "all")
+    if mode == "converted":
+        for name, p in model.named_parameters():
+            if any(f".{part}." in name for part in CREATED_BY_CONVERSION):
+                p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise KvxError("nothing to train: the plan created no weights (streaming only?); use --train all")
+    return params
+
+
+def _latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = [p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def run_distill(student, teacher, windows, eval_windows, cfg: DistillConfig, out: Path, resume: bool = False, progress=None) -> dict:
+    """Train ``student`` towards ``teacher`` on ``windows`` ([n, seq_len]); logs and checkpoints in ``out``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    params = select_trainable(student, cfg.train)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(TensorDataset(windows[order]), batch_size=cfg.batch_size, shuffle=False, drop_last=True)
+    steps = max(1, len(loader) // cfg.grad_accum)
+    warm = max(1, int(cfg.warmup * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+    teacher.to(accelerator.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    ckpt_root = out / "checkpoints"
+    step, start_batches = 0, 0
+    if resume:
+        last = _latest_checkpoint(ckpt_root)
+        if last is None:
+            raise KvxError(f"--resume: no complete checkpoint under {ckpt_root}")
+        accelerator.load_state(str(last))
+        step = json.loads((last / "trainer_state.json").read_text())["step"]
+        start_batches = step * cfg.grad_accum
+    batches = accelerator.skip_first_batches(loader, start_batches) if start_batches else loader
+
+    metrics_path = out / "metrics.jsonl"
+    hidden = cfg.loss == "kl+hidden"
+    advance = progress("distilling", steps) if progress else (lambda n: None)
+    advance(step)
+    t0, tokens_since, last_ppl = time.perf_counter(), 0, None
+    student.train()
+    for (ids,) in batches:
+        with accelerator.accumulate(student):
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            s_out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            loss, parts = distill_loss(cfg.loss, s_out, t_out, ids, cfg.temperature)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        tokens_since += ids.numel() * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # over processes
+        record = {"step": step, "loss": mean_loss, **parts, "lr": scheduler.get_last_lr()[0]}
+        record["tokens"] = step * cfg.batch_size * cfg.grad_accum * cfg.seq_len * accelerator.num_processes
+        record["tokens_per_s"] = tokens_since / max(time.perf_counter() - t0, 1e-9)
+        if cfg.eval_every and step % cfg.eval_every == 0 and eval_windows is not None:
+            student.eval()
+            last_ppl = record["eval_ppl"] = perplexity(accelerator.unwrap_model(student), eval_windows.to(accelerator.device))
+            student.train()
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0:
+            _save_state(accelerator, ckpt_root, step, cfg)
+        advance(1)
+        if progress and hasattr(progress, "describe"):
+            progress.describe(record, last_ppl)
+    student.eval()
+    return {"steps": step, "accelerator": accelerator, "student": accelerator.unwrap_model(student)}
+
+
+def _save_state(accelerator, root: Path, step: int, cfg: DistillConfig) -> None:
+    """An accelerate state at ``root/step-N``, complete or absent (written aside, then renamed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+__all__ = ["DistillConfig", "run_distill", "select_trainable"]

@@ -1,0 +1,116 @@
+"""kvx distill: it heals, it resumes exactly, it runs under accelerate launch, it refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import kvx
+from kvx.data import token_windows
+from kvx.distill import kl_loss
+from kvx.errors import KvxError
+from kvx.pipeline import convert_to_mla, distill
+
+TRAIN = dict(seq_len=64, batch_size=4, lr=3e-3)
+
+
+@pytest.fixture
+def student(tiny_dir, tmp_path):
+    src = tiny_dir("llama")
+    out = tmp_path / "mla"
+    convert_to_mla(str(src), out, kv_rank=4, rope_dims=4, rope_select="high", calib_tokens=1024, calib_seq_len=128)
+    return src, out
+
+
+def _kl(student_path, teacher_path, ids):
+    s, t = kvx.load(str(student_path)), AutoModelForCausalLM.from_pretrained(teacher_path)
+    with torch.no_grad():
+        return kl_loss(s(ids).logits, t(ids).logits).item()
+
+
+def test_a_few_steps_reduce_the_kd_loss_and_only_train_converted_weights(student, tmp_path, tokenizer):
+    src, mla = student
+    out = tmp_path / "healed"
+    summary = distill(str(mla), out, tokens=64 * 4 * 12, **TRAIN)  # teacher: the source recorded in the plan
+    trained_on = token_windows(tokenizer, "bundled", "calib", 64 * 4 * 12, 64)
+    assert _kl(out, src, trained_on) < 0.95 * _kl(mla, src, trained_on)
+    assert summary["steps"] == 12 and {"ppl_before", "ppl_after", "ppl_teacher"} <= set(summary)
+    before, after = load_file(next(mla.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
+    for name, tensor in before.items():
+        changed = not torch.equal(tensor, after[name])
+        assert changed == any(part in name for part in ("kv_a_proj", "kv_b_proj", "k_rope_proj")), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 13)) and all(r["tokens_per_s"] > 0 for r in lines)
+    assert "distillation" in kvx.load(str(out)).config.kvx and "before" in (out / "README.md").read_text()
+
+
+def test_resume_continues_exactly(student, tmp_path):
+    _, mla = student
+    full = tmp_path / "full"
+    distill(str(mla), full, tokens=64 * 4 * 8, save_every=4, **TRAIN)
+    # An interrupted run: what existed after step 4, before the next checkpoint and the final save.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(full / "checkpoints" / "step-4", cut / "checkpoints" / "step-4")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")  # step 5 was logged, then the kill
+    distill(str(mla), cut, tokens=64 * 4 * 8, save_every=4, resume=True, **TRAIN)
+    resumed = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    original = [json.loads(x) for x in lines]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    for a, b in zip(resumed[5:], original[4:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)  # the identical next batches
+    a, b = load_file(next(full.glob("*.safetensors"))), load_file(next(cut.glob("*.safetensors")))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_teacher_written_data_works_offline(student, tmp_path):
+    src, mla = student
+    summary = distill(str(mla), tmp_path / "t", teacher=str(src), data="teacher", tokens=64 * 4, **TRAIN)
+    assert summary["steps"] == 1 and (tmp_path / "t" / "config.json").exists()
+
+
+def test_bad_inputs_are_clear_errors(student, tmp_path, smollm2_dir):
+    src, mla = student
+    with pytest.raises(KvxError, match="less than one optimizer step"):
+        distill(str(mla), tmp_path / "a", tokens=100, **TRAIN)
+    with pytest.raises(KvxError, match="data not found"):
+        distill(str(mla), tmp_path / "b", data=str(tmp_path / "missing.txt"), tokens=1024, **TRAIN)
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(other)
+    changed = AutoTokenizer.from_pretrained(smollm2_dir)
+    changed.add_tokens(["<kvx-extra-token>"])
+    changed.save_pretrained(other)
+    with pytest.raises(KvxError, match="another vocabulary"):
+        distill(str(mla), tmp_path / "c", teacher=str(other), tokens=1024, **TRAIN)
+    with pytest.raises(KvxError, match="--resume"):
+        distill(str(mla), tmp_path / "d", tokens=1024, resume=True, **TRAIN)
+    with pytest.raises(KvxError, match="nothing to train"):
+        distill(str(src), tmp_path / "e", teacher=str(src), tokens=1024, **TRAIN)
+
+
+def test_two_process_accelerate_launch_on_cpu(student, tmp_path):
+    """Real DDP on CPU (gloo): accelerate's torchrun launcher with ACCELERATE_USE_CPU set.
+    (`accelerate launch --cpu --num_processes 2` needs MPI, which CI does not have.)"""
+    _, mla = student
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvx.cli", "distill", str(mla), "-o", str(out),
+            "--tokens", str(64 * 4 * 2 * 2), "--seq-len", "64", "--batch-size", "4", "--save-every", "2",
+        ],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # 2 steps: the data was split in two
+    assert kvx.load(str(out)).config.kvx["distillation"]["tokens"] == 64 * 4 * 2 * 2

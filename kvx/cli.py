@@ -45,7 +45,11 @@ def _progress():
             task = bars.add_task(description, total=total)
             if not console.is_terminal:
                 console.print(f"{description} ...", highlight=False)
-            return lambda n: bars.advance(task, n)
+
+            def advance(n: int, info: str | None = None) -> None:
+                bars.update(task, advance=n, description=f"{description} {info}" if info else description)
+
+            return advance
 
         yield start
 

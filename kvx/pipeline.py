@@ -26,12 +26,12 @@ from .loading import load_model
 from .modeling.modeling_kvx import MLAAttention, kvx_class_for
 from .plan import FullSpec, MLASpec, Plan, StreamingSpec
 
-# progress(description, total) -> advance(n); the CLI draws bars, library callers may pass nothing.
-Progress = Callable[[str, int], Callable[[int], None]]
+# progress(description, total) -> advance(n, info=None); the CLI draws bars, library callers may pass nothing.
+Progress = Callable[[str, int], Callable[..., None]]
 
 
-def _no_progress(description: str, total: int) -> Callable[[int], None]:
-    return lambda n: None
+def _no_progress(description: str, total: int) -> Callable[..., None]:
+    return lambda n, info=None: None
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:

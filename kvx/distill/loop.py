@@ -107,7 +107,7 @@ def run_distill(student, teacher, windows, eval_windows, cfg: DistillConfig, out
 
     metrics_path = out / "metrics.jsonl"
     hidden = cfg.loss == "kl+hidden"
-    advance = progress("distilling", steps) if progress else (lambda n: None)
+    advance = progress("distilling", steps) if progress else (lambda n, info=None: None)
     advance(step)
     t0, tokens_since, last_ppl = time.perf_counter(), 0, None
     student.train()
@@ -138,9 +138,8 @@ def run_distill(student, teacher, windows, eval_windows, cfg: DistillConfig, out
                 f.write(json.dumps(record) + "\n")
         if cfg.save_every and step % cfg.save_every == 0:
             _save_state(accelerator, ckpt_root, step, cfg)
-        advance(1)
-        if progress and hasattr(progress, "describe"):
-            progress.describe(record, last_ppl)
+        ppl = f" | eval ppl {last_ppl:.2f}" if last_ppl is not None else ""
+        advance(1, info=f"loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s{ppl}")
     student.eval()
     return {"steps": step, "accelerator": accelerator, "student": accelerator.unwrap_model(student)}
 

@@ -517,7 +517,10 @@ def distill(
     """``kvx distill``: train STUDENT towards TEACHER (default: the model it was converted from)."""
     from .distill import DistillConfig, run_distill, training_windows
 
-    cfg = DistillConfig(tokens, seq_len, batch_size, grad_accum, lr, 0.05, temperature, loss, train, eval_every, save_every, seed, mixed_precision)
+    cfg = DistillConfig(
+        tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, temperature=temperature,
+        loss=loss, train=train, eval_every=eval_every, save_every=save_every, seed=seed, mixed_precision=mixed_precision,
+    )
     cfg.check()
     out = Path(out)
     if resume and not out.exists():

@@ -226,6 +226,7 @@ def distill(
     save_every: Annotated[int, typer.Option(help="Resumable checkpoint every K steps (0: none).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue OUT from its last checkpoint.")] = False,
     mixed_precision: Annotated[str, typer.Option(help="no | bf16 | fp16 (accelerate).")] = "no",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank for --train lora.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the data order and sampling.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start OUT over if it exists.")] = False,
 ):
@@ -238,7 +239,7 @@ def distill(
         summary = _run(
             run, student, out, teacher=teacher, data=data, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
             grad_accum=grad_accum, lr=lr, temperature=temperature, loss=loss, train=train, eval_every=eval_every,
-            save_every=save_every, resume=resume, overwrite=overwrite, seed=seed, mixed_precision=mixed_precision,
+            save_every=save_every, resume=resume, overwrite=overwrite, seed=seed, mixed_precision=mixed_precision, lora_rank=lora_rank,
             progress=progress,
         )
     if "ppl_after" in summary:

@@ -512,6 +512,7 @@ def distill(
     seed: int = 0,
     eval_tokens: int = 4096,
     mixed_precision: str = "no",
+    lora_rank: int = 8,
     progress: Progress = _no_progress,
 ) -> dict:
     """``kvx distill``: train STUDENT towards TEACHER (default: the model it was converted from)."""
@@ -520,6 +521,7 @@ def distill(
     cfg = DistillConfig(
         tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, temperature=temperature,
         loss=loss, train=train, eval_every=eval_every, save_every=save_every, seed=seed, mixed_precision=mixed_precision,
+        lora_rank=lora_rank,
     )
     cfg.check()
     out = Path(out)
@@ -542,7 +544,9 @@ def distill(
     ppl_before = perplexity(s_model, eval_windows)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    res = run_distill(s_model, t_model, windows, eval_windows, cfg, out, resume, progress)
+    res = run_distill(
+        s_model, t_model, windows, eval_windows, cfg, out, resume, progress, get_adapter(s_model.config).lora_targets()
+    )
     accelerator, trained = res["accelerator"], res["student"]
     summary = {"steps": res["steps"], "ppl_before": ppl_before, "seconds": time.perf_counter() - started}
     if accelerator.is_main_process:

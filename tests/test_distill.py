@@ -114,3 +114,16 @@ def test_two_process_accelerate_launch_on_cpu(student, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # 2 steps: the data was split in two
     assert kvx.load(str(out)).config.kvx["distillation"]["tokens"] == 64 * 4 * 2 * 2
+
+
+def test_lora_trains_adapters_and_converted_weights_then_merges(student, tmp_path, tokenizer):
+    src, mla = student
+    out = tmp_path / "lora"
+    distill(str(mla), out, tokens=64 * 4 * 12, train="lora", lora_rank=4, **TRAIN)
+    before, after = load_file(next(mla.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
+    assert set(after) == set(before)  # merged: no adapter weights left in the checkpoint
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any("kv_a_proj" in n for n in changed) and any("mlp.up_proj" in n for n in changed)
+    assert not any("embed_tokens" in n or "norm" in n for n in changed)
+    trained_on = token_windows(tokenizer, "bundled", "calib", 64 * 4 * 12, 64)
+    assert _kl(out, src, trained_on) < 0.95 * _kl(mla, src, trained_on)

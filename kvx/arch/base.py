@@ -97,6 +97,10 @@ class ArchAdapter:
             b(attn.v_proj),
         )
 
+    def lora_targets(self) -> list[str]:
+        """Module names LoRA adapts in ``kvx distill --train lora`` (attention and MLP projections)."""
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
     def sliding_window(self, idx: int) -> int | None:
         """The local attention window of layer ``idx`` (None: the layer attends to everything)."""
         types = getattr(self.config, "layer_types", None)

@@ -39,14 +39,15 @@ class DistillConfig:
     save_every: int = 0
     seed: int = 0
     mixed_precision: str = "no"
+    lora_rank: int = 8
 
     def check(self) -> None:
         if self.loss not in LOSSES:
             raise KvxError(f"unknown --loss {self.loss!r} (choose from {', '.join(LOSSES)})")
         if self.train not in ("converted", "all", "lora"):
             raise KvxError(f"unknown --train {self.train!r} (choose from converted, all, lora)")
-        if self.train == "lora":
-            raise KvxError("--train lora is not implemented yet (use converted or all)")
+        if self.lora_rank < 1:
+            raise KvxError(f"--lora-rank {self.lora_rank} must be at least 1")
         if self.tokens < self.batch_size * self.seq_len * self.grad_accum:
             raise KvxError(
                 f"--tokens {self.tokens} is less than one optimizer step "
@@ -54,17 +55,27 @@ class DistillConfig:
             )
 
 
+def with_lora(model, targets: list[str], rank: int):
+    """Wrap ``model`` with peft LoRA adapters on ``targets`` (merged back at the end)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
 def select_trainable(model, mode: str) -> list[torch.nn.Parameter]:
-    """``converted``: only what the conversion created (MLA projections); ``all``: everything."""
-    for p in model.parameters():
-        p.requires_grad_(mode == "all")
-    if mode == "converted":
+    """``converted``: only what the conversion created (MLA projections); ``all``: everything;
+    ``lora``: the LoRA adapters (already in ``model``) plus what the conversion created."""
+    lora = mode == "lora"
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "all" or (lora and "lora_" in name))
+    if mode in ("converted", "lora"):
         for name, p in model.named_parameters():
             if any(f".{part}." in name for part in CREATED_BY_CONVERSION):
                 p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise KvxError("nothing to train: the plan created no weights (streaming only?); use --train all")
+        raise KvxError("nothing to train: the plan created no weights (streaming only?); use --train all or lora")
     return params
 
 
@@ -73,13 +84,18 @@ def _latest_checkpoint(ckpt_root: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
-def run_distill(student, teacher, windows, eval_windows, cfg: DistillConfig, out: Path, resume: bool = False, progress=None) -> dict:
+def run_distill(
+    student, teacher, windows, eval_windows, cfg: DistillConfig, out: Path, resume: bool = False, progress=None,
+    lora_targets: list[str] | None = None,
+) -> dict:
     """Train ``student`` towards ``teacher`` on ``windows`` ([n, seq_len]); logs and checkpoints in ``out``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
+    if cfg.train == "lora":
+        student = with_lora(student, lora_targets, cfg.lora_rank)
     params = select_trainable(student, cfg.train)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
@@ -141,7 +157,10 @@ def run_distill(student, teacher, windows, eval_windows, cfg: DistillConfig, out
         ppl = f" | eval ppl {last_ppl:.2f}" if last_ppl is not None else ""
         advance(1, info=f"loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s{ppl}")
     student.eval()
-    return {"steps": step, "accelerator": accelerator, "student": accelerator.unwrap_model(student)}
+    trained = accelerator.unwrap_model(student)
+    if hasattr(trained, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+        trained = trained.merge_and_unload()
+    return {"steps": step, "accelerator": accelerator, "student": trained}
 
 
 def _save_state(accelerator, root: Path, step: int, cfg: DistillConfig) -> None:

@@ -187,11 +187,21 @@ class MLAAttention(nn.Module):
         self.k_scale_proj = nn.Linear(hidden, self.n_kv * hd, bias=k_bias) if k_norm_eps is not None else None
         self.register_buffer("rope_pairs", torch.zeros(self.n_kv, m, dtype=torch.long))
         self.absorb = spec.get("absorb", "decode")  # "decode" | "always" | "never"
+        self._q_idx_key, self._q_idx = None, None
 
     # -- index bookkeeping (derived from the persistent rope_pairs buffer)
 
     def _q_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per query head: kept pairs, RoPE dims (x1 | x2) and NoPE dims, following its KV head."""
+        """Per query head: kept pairs, RoPE dims (x1 | x2) and NoPE dims, following its KV head.
+
+        Derived from the ``rope_pairs`` buffer once and reused while it is unchanged (same
+        storage, same version): decoding calls this every token in every layer."""
+        key = (self.rope_pairs.data_ptr(), self.rope_pairs._version)
+        if key != self._q_idx_key:
+            self._q_idx, self._q_idx_key = self._derive_q_indices(), key
+        return self._q_idx
+
+    def _derive_q_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         group = self.n_heads // self.n_kv
         pairs = self.rope_pairs.repeat_interleave(group, dim=0)  # [H, m]
         half = self.head_dim // 2

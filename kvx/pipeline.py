@@ -153,16 +153,18 @@ def convert_to_mla(
     progress: Progress = _no_progress,
     plan: str | Path | Plan | None = None,
     export: str | None = None,
+    loaded: tuple | None = None,
 ) -> dict:
     """``kvx convert MODEL --to mla`` (uniform), or any per-layer ``plan`` (mla/streaming/full).
 
+    ``loaded``: ``load_model(model)``'s result when the caller already holds it.
     Returns a summary: the plan, KV bytes, kept energy per converted layer, the output path.
     """
     out = Path(out)
     check_output(out, overwrite)
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
-    base, tokenizer, name = load_model(model)
+    base, tokenizer, name = loaded or load_model(model)
     adapter = get_adapter(base.config)
     hidden = base.config.hidden_size
     use_calib = calib.lower() != "none"
@@ -315,8 +317,10 @@ def convert_to_streaming(
     plan = Plan([StreamingSpec(sink, window) if i in chosen else FullSpec() for i in range(adapter.n_layers)], name)
     if lazy is not None:
         plan.meta["lazy_ratio"] = [round(x, 4) for x in lazy]
-    del base
-    return convert_to_mla(model, out, plan=plan, calib="none", overwrite=overwrite, progress=progress, export=export)
+    return convert_to_mla(
+        model, out, plan=plan, calib="none", overwrite=overwrite, progress=progress, export=export,
+        loaded=(base, tokenizer, name),
+    )
 
 
 def evaluate(

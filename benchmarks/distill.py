@@ -27,6 +27,34 @@ import torch
 SETTINGS = {2: (144, 48), 4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims), as in mla_quality.py
 
 
+def bare_throughput(student_dir: Path, seq_len: int, batch_size: int, steps: int = 6) -> float:
+    """Tokens/s of a plain loop on the same batches: teacher forward + student forward/backward + AdamW step,
+    no accelerate, no logging: the reference `kvx distill`'s own tokens/s is compared with (BENCH.md)."""
+    import time
+
+    from kvx.data import token_windows
+    from kvx.distill.losses import kl_loss
+    from kvx.distill.loop import select_trainable
+    from kvx.loading import load_model
+
+    student, tokenizer, _ = load_model(str(student_dir))
+    teacher, _, _ = load_model("smollm2-135m")
+    student.train()
+    opt = torch.optim.AdamW(select_trainable(student, "converted"), lr=1e-5)
+    batches = token_windows(tokenizer, "bundled", "calib", steps * batch_size * seq_len, seq_len).split(batch_size)
+    times = []
+    for ids in batches:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            t_logits = teacher(ids).logits
+        kl_loss(student(ids).logits, t_logits.clone()).backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])  # first step warms up
+    return batch_size * seq_len / times[len(times) // 2]
+
+
 def kvx(*args: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "kvx.cli", *args], stdout=subprocess.DEVNULL)
     if proc.returncode != 0:
@@ -65,7 +93,8 @@ def main() -> None:
         summary = json.loads((healed / "distill_summary.json").read_text())
         metrics = [json.loads(line) for line in (healed / "metrics.jsonl").read_text().splitlines()]
         by_tokens = {m["tokens"]: m for m in metrics if "eval_ppl" in m}
-        rows.append((ratio, rank, rope, summary, [by_tokens.get(b) for b in budgets]))
+        bare = bare_throughput(mla, a.seq_len, a.batch_size)
+        rows.append((ratio, rank, rope, summary, [by_tokens.get(b) for b in budgets], bare))
         print(f"done: {ratio}x", file=sys.stderr, flush=True)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
@@ -73,12 +102,12 @@ def main() -> None:
     print(f"lr {a.lr}, batch {a.batch_size} x {a.seq_len}, {a.mixed_precision} mixed precision) on {device}.")
     print(f"Perplexity: {4096 // a.seq_len} windows of {a.seq_len} tokens of the bundled evaluation text (distill's own evaluation).\n")
     head = " | ".join(f"ppl after {b:,} tokens" for b in budgets)
-    print(f"| KV ratio | kv_rank | rope_dims | original model | converted | {head} | tokens/s |")
-    print("| --- | --- | --- | --- | --- |" + " --- |" * len(budgets) + " --- |")
-    for ratio, rank, rope, summary, points in rows:
+    print(f"| KV ratio | kv_rank | rope_dims | original model | converted | {head} | tokens/s | bare loop tokens/s |")
+    print("| --- | --- | --- | --- | --- |" + " --- |" * len(budgets) + " --- | --- |")
+    for ratio, rank, rope, summary, points, bare in rows:
         cells = [f"{p['eval_ppl']:.2f}" if p else "n/a" for p in points]
         speed = points[-1]["tokens_per_s"] if points[-1] else float("nan")
-        print(f"| {ratio}x | {rank} | {rope} | {summary['ppl_teacher']:.2f} | {summary['ppl_before']:.2f} | " + " | ".join(cells) + f" | {speed:.0f} |")
+        print(f"| {ratio}x | {rank} | {rope} | {summary['ppl_teacher']:.2f} | {summary['ppl_before']:.2f} | " + " | ".join(cells) + f" | {speed:.0f} | {bare:.0f} |")
 
 
 if __name__ == "__main__":

@@ -160,8 +160,11 @@ def convert(
     sink: Annotated[int, typer.Option(help="streaming: attention-sink tokens kept.")] = 4,
     window: Annotated[int, typer.Option(help="streaming: recent tokens kept.")] = 1020,
     plan: Annotated[str | None, typer.Option(help="A per-layer plan (plan.yaml from kvx profile) instead of the options above.")] = None,
+    layout: Annotated[
+        str, typer.Option(help="mla: kvx (a RoPE key per KV head), shared (one RoPE key for all heads) or deepseek (shared + latent norm: DeepSeek-V3's attention).")
+    ] = "kvx",
     export: Annotated[
-        str | None, typer.Option(help="Also write OUT-native: 'native' = base weights + transformers layer_types (full + sink-free streaming plans, Qwen2/Qwen3).")
+        str | None, typer.Option(help="Also write OUT-native or OUT-deepseek: 'native' = base weights + transformers layer_types (full + sink-free streaming plans, Qwen2/Qwen3); 'deepseek' = DeepseekV3ForCausalLM (all-MLA, implies --layout deepseek).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ):
@@ -195,6 +198,7 @@ def convert(
                 progress=progress,
                 plan=plan,
                 export=export,
+                layout=layout,
             )
     kv = result["kv"]
     table = Table(title=f"kvx convert -> {result['out']} (cache after {kv['tokens']} tokens)", caption=result["plan"].summary())
@@ -204,8 +208,23 @@ def convert(
         kv["dtype"], f"{kv['baseline']:.0f}", f"{kv['measured']:.0f}", f"{kv['spec']:.0f}", f"{kv['baseline'] / kv['measured']:.2f}x"
     )
     Console().print(table)
-    if "native" in result:
-        Console().print(f"native transformers checkpoint (no remote code): {result['native']}")
+    for fmt in ("native", "deepseek"):
+        if fmt in result:
+            Console().print(f"{fmt} transformers checkpoint (no remote code): {result[fmt]}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="A kvx checkpoint (all-MLA, --layout deepseek).")],
+    format: Annotated[str, typer.Option("--format", help="Target layout: deepseek (DeepseekV3ForCausalLM).")] = "deepseek",
+    out: Annotated[str | None, typer.Option("-o", "--out", help="Output folder (default: CHECKPOINT-FORMAT).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+):
+    """Re-lay a kvx checkpoint out in a format serving engines load without kvx (exact, no retraining)."""
+    from .export import export_checkpoint
+
+    path = _run(export_checkpoint, checkpoint, format, out, overwrite)
+    Console().print(f"{format} checkpoint (transformers, no remote code): {path}")
 
 
 @app.command()

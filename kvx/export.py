@@ -1,13 +1,20 @@
-"""Exports of kvx plans into formats serving engines already run, without kvx's runtime."""
+"""Exports of kvx plans into formats serving engines already run, without kvx's runtime.
+
+``native``: full + sink-free streaming plans as transformers' own ``layer_types``.
+``deepseek``: all-MLA plans in the deepseek layout as ``DeepseekV3ForCausalLM`` (dense MLP in
+every layer, interleaved RoPE), which vLLM and SGLang serve with their MLA kernels.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .arch import ArchAdapter
-from .checkpoint import atomic_dir
+from .checkpoint import atomic_dir, check_output, save_checkpoint
 from .errors import KvxError
-from .plan import FullSpec, Plan, StreamingSpec
+from .plan import FullSpec, MLASpec, Plan, StreamingSpec
 
 
 def native_layer_types(plan: Plan) -> tuple[list[str], int]:
@@ -46,3 +53,201 @@ def export_native(base_model, tokenizer, adapter: ArchAdapter, plan: Plan, out: 
             base_model.config = original
         tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+DEEPSEEK_FAMILIES = ("llama", "qwen2")  # plain pre-norm blocks with a gated MLP, like DeepSeek's dense layers
+
+
+def _deepseek_geometry(model) -> dict:
+    """The one MLA shape every layer must share for a DeepSeek-V3 config, or a clear refusal."""
+    from .modeling.modeling_kvx import MLAAttention
+
+    config = model.config
+    if config.model_type not in DEEPSEEK_FAMILIES:
+        raise KvxError(f"DeepSeek export supports {', '.join(DEEPSEEK_FAMILIES)} models, not {config.model_type}")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise KvxError(f"RoPE scaling {rope.get('rope_type')!r} does not carry over to DeepSeek's RoPE: only plain RoPE exports")
+    if getattr(config, "mlp_bias", False) or getattr(config, "use_sliding_window", False):
+        raise KvxError("DeepSeek export needs bias-free MLPs and no sliding windows")
+    shapes = set()
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        if not isinstance(attn, MLAAttention) or attn.kv_a_layernorm is None:
+            raise KvxError(
+                f"layer {i} is not MLA in the deepseek layout: convert with `kvx convert ... --to mla --layout deepseek` "
+                "(or `--export deepseek`), every layer"
+            )
+        shapes.add((attn.kv_rank, attn.m, tuple(attn.rope_pairs[0].tolist())))
+    if len(shapes) != 1:
+        raise KvxError("DeepSeek-V3 has one kv_lora_rank and one RoPE key size: every layer needs the same kv_rank and rope_dims")
+    kv_rank, m, pairs = shapes.pop()
+    stride = pairs[1] - pairs[0] if m > 1 else 1
+    if list(pairs) != [j * stride for j in range(m)]:
+        raise KvxError(f"kept RoPE pairs {pairs} are not a progression from 0: DeepSeek's RoPE cannot make them")
+    attn = model.model.layers[0].self_attn
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return {
+        "kv_rank": kv_rank,
+        "m": m,
+        # pair p of head_dim rotates at theta^(-2p/hd); pair j of 2m dims at theta'^(-2j/2m): p = stride*j
+        "rope_theta": theta ** (2 * m * stride / attn.head_dim),
+        "head_dim": attn.head_dim,
+        "bias": any(
+            t is not None
+            for layer in model.model.layers
+            for t in (layer.self_attn.kv_b_proj.bias, layer.self_attn.o_proj.bias,
+                      layer.self_attn.k_rope_proj.bias)
+        ),
+    }
+
+
+def deepseek_config(model, geom: dict):
+    """A ``DeepseekV3Config`` with dense MLPs everywhere and this model's MLA shape."""
+    from transformers import DeepseekV3Config
+
+    c = model.config
+    hd, m = geom["head_dim"], geom["m"]
+    return DeepseekV3Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_attention_heads,  # kv_b_proj expands the latent per query head
+        first_k_dense_replace=c.num_hidden_layers,  # no MoE layer
+        n_routed_experts=1,
+        n_shared_experts=1,
+        num_experts_per_tok=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=geom["kv_rank"],
+        q_lora_rank=None,
+        qk_rope_head_dim=2 * m,
+        qk_nope_head_dim=hd,
+        v_head_dim=hd,
+        hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": geom["rope_theta"]},
+        rope_interleave=True,  # the layout vLLM/SGLang's DeepSeek kernels assume
+        attention_bias=geom["bias"],
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+        num_nextn_predict_layers=0,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    )
+
+
+def _interleave(m: int) -> torch.Tensor:
+    """Row order taking ``[x1 (m) | x2 (m)]`` to DeepSeek's interleaved pairs ``x1_0, x2_0, x1_1, ...``."""
+    return torch.stack([torch.arange(m), torch.arange(m) + m], dim=-1).flatten()
+
+
+def deepseek_attention_state(attn, ds_scaling: float) -> dict:
+    """One MLA layer (deepseek layout) as DeepSeek-V3 attention weights, exactly.
+
+    Queries gain the RoPE part each head reads from the shared key (weighted by its KV
+    head's mix), interleaved, and absorb the change of softmax scale. K/V up-projections are
+    repeated per query head. Biases: the NoPE key bias adds the same score to every key of a
+    query (softmax drops it), and the value bias leaves attention as a constant that folds
+    into ``o_proj``'s bias.
+    """
+    heads, n_kv, hd, m, r = attn.n_heads, attn.n_kv, attn.head_dim, attn.m, attn.kv_rank
+    group = heads // n_kv
+    perm = _interleave(m)
+    f = attn.scaling / ds_scaling
+    with torch.no_grad():
+        wq = attn.q_proj.weight.view(heads, hd, -1) * f
+        pairs = attn.rope_pairs[0]
+        rope_idx = torch.cat([pairs, pairs + hd // 2])
+        mix = torch.cat([attn.rope_mix, attn.rope_mix], dim=-1).repeat_interleave(group, dim=0)  # [H, 2m]
+        q_rot = (wq[:, rope_idx] * mix[..., None])[:, perm]
+        w_b = attn.kv_b_proj.weight
+        k_up = w_b[: n_kv * hd].view(n_kv, hd, r)
+        v_up = w_b[n_kv * hd :].view(n_kv, hd, r)
+        kv_b = torch.cat([k_up, v_up], dim=1).repeat_interleave(group, dim=0).reshape(-1, r)
+        state = {
+            "q_proj.weight": torch.cat([wq, q_rot], dim=1).reshape(-1, wq.shape[-1]),
+            "kv_a_proj_with_mqa.weight": torch.cat([attn.kv_a_proj.weight, attn.k_rope_proj.weight[perm]]),
+            "kv_a_layernorm.weight": attn.kv_a_layernorm.weight.clone(),
+            "kv_b_proj.weight": kv_b,
+            "o_proj.weight": attn.o_proj.weight.clone(),
+        }
+        zeros = attn.kv_a_proj.weight.new_zeros
+        k_rope_bias = attn.k_rope_proj.bias[perm] if attn.k_rope_proj.bias is not None else zeros(2 * m)
+        state["kv_a_proj_with_mqa.bias"] = torch.cat([zeros(r), k_rope_bias])
+        o_bias = attn.o_proj.bias.clone() if attn.o_proj.bias is not None else zeros(attn.o_proj.out_features)
+        if attn.kv_b_proj.bias is not None:
+            v_bias = attn.kv_b_proj.bias[n_kv * hd :].view(n_kv, hd).repeat_interleave(group, dim=0).flatten()
+            o_bias = o_bias + attn.o_proj.weight @ v_bias
+        state["o_proj.bias"] = o_bias
+    return state
+
+
+def to_deepseek(model):
+    """A ``DeepseekV3ForCausalLM`` that computes what the kvx ``model`` (all-MLA, deepseek layout) does."""
+    from transformers import DeepseekV3ForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: random init is only slower
+        import contextlib
+
+        no_init_weights = contextlib.nullcontext
+    geom = _deepseek_geometry(model)
+    config = deepseek_config(model, geom)
+    with no_init_weights():
+        ds = DeepseekV3ForCausalLM(config)
+    ds.to(next(model.parameters()).dtype)
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".self_attn." not in key:
+            state[key] = value
+    for i, layer in enumerate(model.model.layers):
+        attn_state = deepseek_attention_state(layer.self_attn, ds.model.layers[i].self_attn.scaling)
+        state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in attn_state.items()})
+    if not geom["bias"]:
+        state = {k: v for k, v in state.items() if not k.endswith(("kv_a_proj_with_mqa.bias", "o_proj.bias"))}
+    result = ds.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or result.unexpected_keys:
+        raise KvxError(f"DeepSeek export left weights unmatched: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
+    ds.tie_weights()
+    ds.generation_config = model.generation_config
+    return ds.eval()
+
+
+def check_deepseek_plan(plan: Plan) -> None:
+    """Refuse, before any work, a plan DeepSeek-V3's config cannot hold."""
+    shapes = {(s.kv_rank, s.rope_dims, s.rope_select, s.layout) if isinstance(s, MLASpec) else s.kind for s in plan.layers}
+    if len(shapes) != 1 or not all(isinstance(s, MLASpec) and s.layout == "deepseek" for s in plan.layers):
+        raise KvxError(
+            "DeepSeek export needs every layer MLA in the deepseek layout with one kv_rank, rope_dims and rope_select "
+            f"(this plan: {plan.summary()})"
+        )
+
+
+def export_deepseek(model, tokenizer, out: str | Path, source: str, overwrite: bool = False) -> Path:
+    """Write ``model`` (kvx, all-MLA deepseek layout) as a native DeepSeek-V3 checkpoint."""
+    from .hub import deepseek_card
+
+    ds = to_deepseek(model)
+    return save_checkpoint(ds, tokenizer, out, lambda _: deepseek_card(source, Plan.from_config(model.config), ds.config), overwrite)
+
+
+def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """``kvx export SRC --format deepseek``: a kvx checkpoint re-laid out for serving engines (default OUT: SRC-deepseek)."""
+    from .loading import load_model
+
+    if fmt != "deepseek":
+        raise KvxError(f"--format {fmt!r} is not available (available: deepseek)")
+    out = Path(out) if out else Path(str(Path(src)).rstrip("/") + "-deepseek")
+    check_output(out, overwrite)
+    model, tokenizer, _ = load_model(src)
+    if not getattr(model.config, "kvx", None):
+        raise KvxError(f"{src} is not a kvx checkpoint: convert it first (kvx convert ... --to mla --layout deepseek)")
+    check_deepseek_plan(Plan.from_config(model.config))
+    return export_deepseek(model, tokenizer, out, src, overwrite)

@@ -52,3 +52,32 @@ def model_card(base_model: str, plan: Plan, kv: dict, extra: dict | None = None)
         "",
     ]
     return "\n".join(lines)
+
+
+def deepseek_card(source: str, plan: Plan, config) -> str:
+    """README.md of a DeepSeek-V3 export: where it came from, its shape, how to load and serve it."""
+    return "\n".join(
+        [
+            "---",
+            f"base_model: {plan.base_model}",
+            "library_name: transformers",
+            "tags: [kvx, mla, deepseek_v3, kv-cache-compression]",
+            "---",
+            "",
+            f"# {plan.base_model}, converted to DeepSeek-V3 multi-head latent attention by kvx",
+            "",
+            f"Exported from the kvx checkpoint `{source}` ({plan.summary()}). Same function, DeepSeek-V3 layout:",
+            f"latent `kv_lora_rank={config.kv_lora_rank}`, one shared RoPE key `qk_rope_head_dim={config.qk_rope_head_dim}`",
+            f"(interleaved, `rope_theta={config.rope_parameters['rope_theta']:.6g}`), dense MLP in every layer",
+            f"(`first_k_dense_replace={config.first_k_dense_replace}`), no q LoRA. Per token and layer the cache holds",
+            f"{config.kv_lora_rank + config.qk_rope_head_dim} floats.",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            'model = AutoModelForCausalLM.from_pretrained("PATH")  # DeepseekV3ForCausalLM, no remote code',
+            "```",
+            "",
+            "MLA serving engines that read DeepSeek-V3 configs (vLLM, SGLang) load it as a DeepSeek-V3 model.",
+            "",
+        ]
+    )

@@ -16,11 +16,20 @@ import torch
 from .arch import get_adapter
 from .calibration import collect_stats
 from .checkpoint import atomic_dir, check_output, save_checkpoint
-from .convert.mla import ROPE_SELECTIONS, convert_layer_to_mla, full_rank, validate_mla_dims, validate_rope_dims
+from .convert.mla import (
+    LAYOUTS,
+    ROPE_SELECTIONS,
+    SHARED_ROPE_SELECTIONS,
+    convert_layer_to_mla,
+    convert_layer_to_shared_mla,
+    full_rank,
+    validate_mla_dims,
+    validate_rope_dims,
+)
 from .data import token_windows
 from .errors import KvxError
 from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec, long_context, perplexity
-from .export import export_native, native_layer_types
+from .export import check_deepseek_plan, export_deepseek, export_native, native_layer_types
 from .hub import model_card
 from .loading import load_model
 from .modeling.modeling_kvx import MLAAttention, kvx_class_for
@@ -56,18 +65,19 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return sorted(out)
 
 
-def _resolve_dims(kv_rank: str | int, rope_dims: str | int, adapter, hidden: int) -> tuple[int, int]:
+def _resolve_dims(kv_rank: str | int, rope_dims: str | int, adapter, hidden: int, layout: str = "kvx") -> tuple[int, int]:
     n_kv, hd = adapter.n_kv_heads, adapter.head_dim
     try:
-        r_dims = n_kv * hd if str(rope_dims) == "all" else int(rope_dims)
+        every = n_kv * hd if layout == "kvx" else hd
+        r_dims = every if str(rope_dims) == "all" else int(rope_dims)
     except ValueError:
         raise KvxError(f"--rope-dims must be an integer or 'all', not {rope_dims!r}") from None
-    validate_rope_dims(r_dims, n_kv, hd)
+    validate_rope_dims(r_dims, n_kv, hd, layout)
     try:
-        rank = full_rank(n_kv, hd, r_dims, hidden) if str(kv_rank) == "full" else int(kv_rank)
+        rank = full_rank(n_kv, hd, r_dims, hidden, layout) if str(kv_rank) == "full" else int(kv_rank)
     except ValueError:
         raise KvxError(f"--kv-rank must be an integer or 'full', not {kv_rank!r}") from None
-    validate_mla_dims(rank, r_dims, n_kv, hd, hidden)
+    validate_mla_dims(rank, r_dims, n_kv, hd, hidden, layout)
     return rank, r_dims
 
 
@@ -100,6 +110,10 @@ def build_converted(base_model, plan: Plan, layer_weights: dict, k_norm_eps: flo
                 if attn.k_rope_proj.bias is not None:
                     attn.k_rope_proj.bias.copy_(w.k_rope_bias)
             attn.rope_pairs.copy_(w.rope_pairs)
+            if w.rope_mix is not None:
+                attn.rope_mix.copy_(w.rope_mix)
+            if w.latent_scale is not None:
+                attn.kv_a_layernorm.weight.fill_(w.latent_scale)
             if attn.k_scale_proj is not None:
                 base_attn = adapter.attention(base_model, idx)
                 attn.k_scale_proj.load_state_dict(base_attn.k_proj.state_dict())
@@ -108,7 +122,7 @@ def build_converted(base_model, plan: Plan, layer_weights: dict, k_norm_eps: flo
         f"{name}.{part}"
         for name, mod in model.named_modules()
         if isinstance(mod, MLAAttention) and mod.layer_idx in layer_weights
-        for part in ("kv_a_proj.", "kv_b_proj.", "k_rope_proj.", "k_scale_proj.", "rope_pairs")
+        for part in ("kv_a_proj.", "kv_b_proj.", "k_rope_proj.", "k_scale_proj.", "kv_a_layernorm.", "rope_pairs", "rope_mix")
     )
     unset = [k for k in result.missing_keys if not k.startswith(mla_prefixes)]
     if unset:
@@ -117,10 +131,30 @@ def build_converted(base_model, plan: Plan, layer_weights: dict, k_norm_eps: flo
     return model
 
 
-def _plan_from_args(adapter, hidden, kv_rank, rope_dims, rope_select, layers, name) -> Plan:
-    rank, r_dims = _resolve_dims(kv_rank, rope_dims, adapter, hidden)
+def _plan_from_args(adapter, hidden, kv_rank, rope_dims, rope_select, layers, name, layout="kvx") -> Plan:
+    rank, r_dims = _resolve_dims(kv_rank, rope_dims, adapter, hidden, layout)
     chosen = set(parse_layers(layers, adapter.n_layers))
-    return Plan([MLASpec(rank, r_dims, rope_select) if i in chosen else FullSpec() for i in range(adapter.n_layers)], name)
+    spec = MLASpec(rank, r_dims, rope_select, layout)
+    return Plan([spec if i in chosen else FullSpec() for i in range(adapter.n_layers)], name)
+
+
+def _check_layout(layout: str, rope_select: str, adapter) -> None:
+    """A shared RoPE key (shared, deepseek layouts) is DeepSeek-V3's attention: no per-head key norms,
+    only frequencies its RoPE can make."""
+    if layout not in LAYOUTS:
+        raise KvxError(f"unknown MLA layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    if layout == "kvx":
+        return
+    if adapter.k_norm_eps() is not None:
+        raise KvxError(
+            f"{adapter.family} RMS-normalises keys per head, which DeepSeek-V3's attention cannot express: "
+            "use --layout kvx"
+        )
+    if rope_select not in SHARED_ROPE_SELECTIONS:
+        raise KvxError(
+            f"--rope-select {rope_select!r} cannot feed one shared RoPE key (--layout {layout}): "
+            f"choose {' or '.join(SHARED_ROPE_SELECTIONS)}"
+        )
 
 
 def _check_plan(plan: Plan, adapter, hidden: int) -> None:
@@ -136,7 +170,8 @@ def _check_plan(plan: Plan, adapter, hidden: int) -> None:
         if isinstance(spec, MLASpec):
             if spec.rope_select not in ROPE_SELECTIONS:
                 raise KvxError(f"layer {i}: unknown rope_select {spec.rope_select!r}")
-            validate_mla_dims(spec.kv_rank, spec.rope_dims, adapter.n_kv_heads, adapter.head_dim, hidden)
+            _check_layout(spec.layout, spec.rope_select, adapter)
+            validate_mla_dims(spec.kv_rank, spec.rope_dims, adapter.n_kv_heads, adapter.head_dim, hidden, spec.layout)
 
 
 def convert_to_mla(
@@ -154,9 +189,11 @@ def convert_to_mla(
     plan: str | Path | Plan | None = None,
     export: str | None = None,
     loaded: tuple | None = None,
+    layout: str = "kvx",
 ) -> dict:
     """``kvx convert MODEL --to mla`` (uniform), or any per-layer ``plan`` (mla/streaming/full).
 
+    ``layout``: ``kvx``, ``shared`` or ``deepseek`` (see ``MLASpec``); ``export="deepseek"`` implies the last.
     ``loaded``: ``load_model(model)``'s result when the caller already holds it.
     Returns a summary: the plan, KV bytes, kept energy per converted layer, the output path.
     """
@@ -169,16 +206,18 @@ def convert_to_mla(
     hidden = base.config.hidden_size
     use_calib = calib.lower() != "none"
     if plan is None:
-        rope_select = rope_select or ("2norm" if use_calib else "high")
+        layout = "deepseek" if export == "deepseek" else layout
+        rope_select = rope_select or ("high" if layout != "kvx" or not use_calib else "2norm")
         if rope_select not in ROPE_SELECTIONS:
             raise KvxError(f"unknown --rope-select {rope_select!r} (choose from {', '.join(ROPE_SELECTIONS)})")
-        plan = _plan_from_args(adapter, hidden, kv_rank, rope_dims, rope_select, layers, name)
-        how = f"--kv-rank {kv_rank} --rope-dims {rope_dims} --rope-select {rope_select}"
+        _check_layout(layout, rope_select, adapter)
+        plan = _plan_from_args(adapter, hidden, kv_rank, rope_dims, rope_select, layers, name, layout)
+        how = f"--kv-rank {kv_rank} --rope-dims {rope_dims} --rope-select {rope_select} --layout {layout}"
     else:
         _check_plan(plan, adapter, hidden)
         plan = Plan(plan.layers, name, {k: v for k, v in plan.meta.items() if k != "conversion"})
         how = "a per-layer plan"
-    native_out = _check_export(export, plan, adapter, out, overwrite)
+    export_out = _check_export(export, plan, adapter, out, overwrite)
     mla = {i: s for i, s in enumerate(plan.layers) if isinstance(s, MLASpec)}
     if not use_calib and any(s.rope_select == "2norm" for s in mla.values()):
         raise KvxError("--rope-select 2norm needs calibration data: drop --calib none or pick high/low/uniform")
@@ -194,19 +233,17 @@ def convert_to_mla(
     for idx, spec in mla.items():
         attn = adapter.attention(base, idx)
         w = adapter.attention_weights(attn)
-        weights[idx] = convert_layer_to_mla(
-            w.wk,
-            w.wv,
-            w.bk,
-            w.bv,
-            n_kv=adapter.n_kv_heads,
-            head_dim=adapter.head_dim,
-            kv_rank=spec.kv_rank,
-            rope_dims=spec.rope_dims,
-            rope_select=spec.rope_select,
-            stats=stats.get(idx),
-            k_gain=adapter.k_norm_weight(attn),
-        )
+        dims = dict(n_kv=adapter.n_kv_heads, head_dim=adapter.head_dim, kv_rank=spec.kv_rank, rope_dims=spec.rope_dims)
+        if spec.layout != "kvx":
+            weights[idx] = convert_layer_to_shared_mla(
+                w.wk, w.wv, w.bk, w.bv, **dims, rope_select=spec.rope_select, stats=stats.get(idx),
+                latent_norm=spec.layout == "deepseek",
+            )
+        else:
+            weights[idx] = convert_layer_to_mla(
+                w.wk, w.wv, w.bk, w.bv, **dims, rope_select=spec.rope_select, stats=stats.get(idx),
+                k_gain=adapter.k_norm_weight(attn),
+            )
         advance(1)
     energies = [w.energy_kept for w in weights.values()]
 
@@ -228,11 +265,16 @@ def convert_to_mla(
     extra = {"conversion": f"{how}, calibration: {calib if use_calib else 'none (weights-only SVD)'}"}
     if energies:
         extra["mean share of [K_nope; V] energy kept by the latent"] = f"{sum(energies) / len(energies):.4f}"
+    shared = [w.rope_energy_kept for w in weights.values() if w.rope_energy_kept is not None]
+    if shared:
+        extra["mean share of kept-frequency key energy in the shared RoPE key"] = f"{sum(shared) / len(shared):.4f}"
     converted.generation_config = base.generation_config
     save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
     result = {"out": str(out), "plan": plan, "kv": kv, "energy_kept": energies}
-    if native_out is not None:
-        result["native"] = str(export_native(base, tokenizer, adapter, plan, native_out, overwrite))
+    if export_out is not None and export == "native":
+        result["native"] = str(export_native(base, tokenizer, adapter, plan, export_out, overwrite))
+    elif export_out is not None:
+        result["deepseek"] = str(export_deepseek(converted, tokenizer, export_out, str(out), overwrite))
     return result
 
 
@@ -240,11 +282,14 @@ def _check_export(export: str | None, plan: Plan, adapter, out: Path, overwrite:
     """Validate ``--export`` before any work; returns where the export goes."""
     if export is None:
         return None
-    if export != "native":
-        raise KvxError(f"--export {export!r} is not available (available: native)")
-    native_layer_types(plan)
-    adapter.native_sliding_config(["full_attention"] * adapter.n_layers, 2)
-    target = out.with_name(out.name + "-native")
+    if export == "deepseek":
+        check_deepseek_plan(plan)
+    elif export == "native":
+        native_layer_types(plan)
+        adapter.native_sliding_config(["full_attention"] * adapter.n_layers, 2)
+    else:
+        raise KvxError(f"--export {export!r} is not available (available: native, deepseek)")
+    target = out.with_name(f"{out.name}-{export}")
     check_output(target, overwrite)
     return target
 

@@ -33,11 +33,15 @@ class MLASpec:
     ``kv_rank``: latent floats per token. ``rope_dims``: RoPE key floats per token, all KV
     heads together (2 per kept frequency pair per KV head). ``rope_select``: how the pairs
     were chosen. Families with per-head key RMS norms also cache one scale per KV head.
+    ``layout``: ``kvx`` (a RoPE key per KV head, MHA2MLA-style), ``shared`` (one RoPE key of
+    ``rope_dims`` for all heads, TransMLA-style) or ``deepseek`` (shared, plus an RMS norm on
+    the latent: DeepSeek-V3's attention, exportable with ``kvx export --format deepseek``).
     """
 
     kv_rank: int
     rope_dims: int
     rope_select: str = "2norm"
+    layout: str = "kvx"
     kind: ClassVar[str] = "mla"
 
     def cached_floats(self, geom: "CacheGeometry") -> int:
@@ -160,7 +164,7 @@ class Plan:
         groups: dict[str, list[int]] = {}
         for s in self.layers:
             if isinstance(s, MLASpec):
-                groups.setdefault(f"mla|{s.rope_dims}", []).append(s.kv_rank)
+                groups.setdefault(f"mla|{s.rope_dims}" + (f", layout={s.layout}" if s.layout != "kvx" else ""), []).append(s.kv_rank)
             elif isinstance(s, StreamingSpec):
                 groups.setdefault(f"streaming(sink={s.sink}, window={s.window})", []).append(0)
             else:

@@ -9,6 +9,13 @@ Order of operations (see METHODS.md, MLA section):
    under the calibration input covariance; weights-only: the SVD of the weights (the same
    computation with an identity covariance).
 At full rank the factorisation is exact, so the converted layer equals the original.
+
+The ``shared`` layout (``convert_layer_to_shared_mla``) caches one RoPE key for all heads;
+``deepseek`` adds an RMS norm on the latent, which makes it DeepSeek-V3's own attention, so
+that a converted model exports to ``DeepseekV3ForCausalLM`` as a lossless re-layout. The shared key follows
+TransMLA's RoRoPE: for each kept frequency, the principal direction of the keys across KV
+heads carries RoPE; what the other directions held stays in the key as NoPE (compressed
+with V), so with a single KV head at full rank the layer is still exact.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import torch
 from ..errors import KvxError
 
 ROPE_SELECTIONS = ("2norm", "high", "low", "uniform")
+LAYOUTS = ("kvx", "shared", "deepseek")  # shared: one RoPE key for all heads; deepseek: + latent norm
+SHARED_ROPE_SELECTIONS = ("high", "uniform")  # frequency sets DeepSeek's RoPE can reproduce
 
 
 @dataclass
@@ -42,17 +51,31 @@ class MLAWeights:
     kv_b_bias: torch.Tensor | None
     k_rope: torch.Tensor  # [n_kv*2m, hidden]
     k_rope_bias: torch.Tensor | None
-    rope_pairs: torch.Tensor  # [n_kv, m] long
+    rope_pairs: torch.Tensor  # [n_kv, m] long ([1, m] with a shared key)
     energy_kept: float  # share of [K_nope; V] output energy the latent keeps (calibration or weights)
+    rope_mix: torch.Tensor | None = None  # shared key: [n_kv, m] weight of each KV head in the shared key
+    latent_scale: float | None = None  # deepseek layout: the latent norm's initial gain (typical latent RMS)
+    rope_energy_kept: float | None = None  # shared key: share of kept-pair key energy the shared key carries
 
 
-def full_rank(n_kv: int, head_dim: int, rope_dims: int, hidden: int) -> int:
+def full_rank(n_kv: int, head_dim: int, rope_dims: int, hidden: int, layout: str = "kvx") -> int:
     """The latent width at which the factorisation is exact for these dims."""
+    if layout != "kvx":  # K keeps every dim as NoPE (the shared key only carries a copy's RoPE part)
+        return min(n_kv * 2 * head_dim, hidden)
     return min(n_kv * (2 * head_dim) - rope_dims, hidden)
 
 
-def validate_rope_dims(rope_dims: int, n_kv: int, head_dim: int) -> None:
-    """RoPE dims come in whole frequency pairs per KV head, at most all of them."""
+def validate_rope_dims(rope_dims: int, n_kv: int, head_dim: int, layout: str = "kvx") -> None:
+    """RoPE dims come in whole frequency pairs per KV head (one shared key: whole pairs), at most all of them."""
+    if layout not in LAYOUTS:
+        raise KvxError(f"unknown MLA layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    if layout != "kvx":
+        if rope_dims < 2 or rope_dims % 2 or rope_dims > head_dim:
+            raise KvxError(
+                f"--rope-dims {rope_dims}: the {layout} layout's shared RoPE key needs an even size from 2 to "
+                f"head_dim = {head_dim}"
+            )
+        return
     if rope_dims < 0 or rope_dims % (2 * n_kv):
         raise KvxError(
             f"--rope-dims {rope_dims} must be a multiple of 2 x {n_kv} KV heads = {2 * n_kv} "
@@ -62,10 +85,10 @@ def validate_rope_dims(rope_dims: int, n_kv: int, head_dim: int) -> None:
         raise KvxError(f"--rope-dims {rope_dims} exceeds all RoPE dims ({n_kv} KV heads x {head_dim} = {n_kv * head_dim})")
 
 
-def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hidden: int) -> None:
+def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hidden: int, layout: str = "kvx") -> None:
     """Refuse sizes that cannot be honoured exactly, with the reason in one line."""
-    validate_rope_dims(rope_dims, n_kv, head_dim)
-    full = full_rank(n_kv, head_dim, rope_dims, hidden)
+    validate_rope_dims(rope_dims, n_kv, head_dim, layout)
+    full = full_rank(n_kv, head_dim, rope_dims, hidden, layout)
     if kv_rank < 1 or kv_rank > full:
         raise KvxError(f"--kv-rank {kv_rank} is out of range: it must be between 1 and {full} (full rank here)")
 
@@ -215,4 +238,103 @@ def convert_layer_to_mla(
         k_rope_bias=None if jkv.bk is None else jkv.bk[jkv.rope_rows].float(),
         rope_pairs=pairs,
         energy_kept=kept,
+    )
+
+
+def shared_pairs(method: str, head_dim: int, m: int) -> torch.Tensor:
+    """The ``m`` pairs a shared RoPE key keeps: a progression from pair 0 (``high``: stride 1,
+    ``uniform``: the widest stride that fits), because DeepSeek's RoPE can only reproduce
+    frequencies ``theta^(-2 s j / head_dim)``, j = 0..m-1 (as its own ``rope_theta``)."""
+    if method not in SHARED_ROPE_SELECTIONS:
+        raise KvxError(
+            f"--rope-select {method!r} cannot feed one shared RoPE key: choose "
+            f"{' or '.join(SHARED_ROPE_SELECTIONS)}"
+        )
+    stride = 1 if method == "high" else (head_dim // 2) // m
+    return (torch.arange(m) * stride)[None].long()
+
+
+def _principal_across_heads(rows: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """``rows`` [n_kv, 2, hidden]: one frequency pair's two key rows per KV head. The unit
+    direction across heads holding most of that pair's key energy (rotation-invariant, so
+    any position gives the same answer), and its share of the energy."""
+    flat = rows.double()
+    c = cov.double() if cov is not None else None
+    gram = sum((w @ c @ w.T) if c is not None else (w @ w.T) for w in flat.unbind(1))  # [n_kv, n_kv]
+    evals, evecs = torch.linalg.eigh(gram)
+    u = evecs[:, -1]
+    u = u * (1.0 if float(u.sum()) >= 0 else -1.0)  # a fixed sign: reproducible checkpoints
+    return u, float(evals[-1] / evals.sum().clamp_min(1e-30))
+
+
+def convert_layer_to_shared_mla(
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    bk: torch.Tensor | None,
+    bv: torch.Tensor | None,
+    *,
+    n_kv: int,
+    head_dim: int,
+    kv_rank: int,
+    rope_dims: int,
+    rope_select: str,
+    stats: LayerStats | None,
+    latent_norm: bool = False,
+) -> MLAWeights:
+    """One layer in the shared / deepseek layout: one RoPE key of ``rope_dims`` shared by all heads.
+
+    For each kept pair, the key rows of all KV heads are projected on their principal
+    direction ``u`` (the shared RoPE key is ``u^T K``; a query head of KV head ``g`` reads it
+    with weight ``u[g]``) and the remainder ``(I - u u^T) K`` stays in K as NoPE. NoPE K and V
+    are then factored into the latent exactly as in the kvx layout. ``latent_norm``: the
+    latent will be RMS-normalised (deepseek layout); its gain starts at the latent's typical
+    RMS under calibration, so normalised latents keep their average size.
+    """
+    hidden = wk.shape[1]
+    validate_mla_dims(kv_rank, rope_dims, n_kv, head_dim, hidden, "shared")
+    m, half = rope_dims // 2, head_dim // 2
+    pairs = shared_pairs(rope_select, head_dim, m)
+    cov = stats.covariance if stats is not None else None
+    wk3 = wk.double().view(n_kv, head_dim, hidden).clone()
+    bk2 = None if bk is None else bk.double().view(n_kv, head_dim).clone()
+    mix, shares = torch.zeros(n_kv, m, dtype=torch.float64), []
+    rope_rows, rope_bias = torch.zeros(2, m, hidden, dtype=torch.float64), torch.zeros(2, m, dtype=torch.float64)
+    for j, p in enumerate(pairs[0].tolist()):
+        dims = [p, p + half]
+        u, share = _principal_across_heads(wk3[:, dims], cov)
+        mix[:, j] = u
+        shares.append(share)
+        shared = torch.einsum("g,gch->ch", u, wk3[:, dims])  # [2, hidden]
+        rope_rows[:, j] = shared
+        wk3[:, dims] -= u[:, None, None] * shared[None]
+        if bk2 is not None:
+            shared_b = u @ bk2[:, dims]
+            rope_bias[:, j] = shared_b
+            bk2[:, dims] -= u[:, None] * shared_b[None]
+
+    jkv = joint_kv(
+        wk3.reshape(n_kv * head_dim, hidden), wv, None if bk2 is None else bk2.flatten(),
+        n_kv=n_kv, head_dim=head_dim, pairs=torch.zeros(n_kv, 0, dtype=torch.long), cov=cov,
+    )
+    exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden, "shared")
+    up, down, kept = joint_lowrank(jkv.joint, None if exact else cov, kv_rank)
+    up = up.clone()
+    up[: n_kv * head_dim] /= jkv.alpha
+    latent_ms = float(torch.einsum("rh,hk,rk->", down, cov.double(), down) / kv_rank) if cov is not None else 1.0
+
+    bias = None
+    if bk2 is not None or bv is not None:
+        zeros = torch.zeros(n_kv * head_dim, dtype=torch.float64)
+        bias = torch.cat([jkv.bk if jkv.bk is not None else zeros, bv.double() if bv is not None else zeros])
+    return MLAWeights(
+        kv_a=down.float(),
+        kv_b=up.float(),
+        kv_b_bias=None if bias is None else bias.float(),
+        k_rope=rope_rows.reshape(2 * m, hidden).float(),  # x1 rows then x2 rows
+        k_rope_bias=None if bk is None else rope_bias.flatten().float(),
+        rope_pairs=pairs,
+        energy_kept=kept,
+        rope_mix=mix.float(),
+        latent_scale=max(latent_ms, 1e-12) ** 0.5 if latent_norm else None,
+        rope_energy_kept=sum(shares) / len(shares),
     )

@@ -21,7 +21,7 @@ from ..errors import KvxError
 from ..eval.perplexity import perplexity
 from .losses import LOSSES, distill_loss
 
-CREATED_BY_CONVERSION = ("kv_a_proj", "kv_b_proj", "k_rope_proj")
+CREATED_BY_CONVERSION = ("kv_a_proj", "kv_b_proj", "k_rope_proj", "kv_a_layernorm")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import get_adapter
+from ..arch.deepseek import is_native_mla, native_mla_geometry, native_mla_plan
 from ..modeling.modeling_kvx import cache_nbytes, make_cache
 from ..plan import Plan
 
@@ -24,8 +25,10 @@ def dtype_bytes(model) -> int:
 
 def kv_bytes_per_token_spec(model, n_tokens: int) -> float:
     """What the plan says the cache holds per token after ``n_tokens`` tokens, at the model dtype."""
-    plan = Plan.from_config(model.config)
-    geom = get_adapter(model.config).geometry()
+    if is_native_mla(model.config):
+        plan, geom = native_mla_plan(model.config), native_mla_geometry(model.config)
+    else:
+        plan, geom = Plan.from_config(model.config), get_adapter(model.config).geometry()
     return plan.kv_bytes(geom, n_tokens, dtype_bytes(model)) / n_tokens
 
 

@@ -17,6 +17,9 @@ MLA layer (DeepSeek-V2 style, upcycled from MHA/GQA):
   families that RMS-normalise keys per head (Qwen3, Gemma3), the per-head 1/rms scale.
   Keys without RoPE and values are recovered as ``W_b c``; while decoding the
   up-projections are absorbed into the query and the output instead ("absorbed form").
+  The ``shared`` layout caches one RoPE key for all heads (each query head reads it with
+  its KV head's weight in ``rope_mix``); ``deepseek`` adds an RMS norm on the latent
+  (``kv_a_layernorm``): DeepSeek-V3's attention exactly, so it exports to ``DeepseekV3ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -152,6 +155,21 @@ def _pair_angles(cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor) -> t
     return c, s
 
 
+class LatentRMSNorm(nn.Module):
+    """DeepSeek-V3's ``kv_a_layernorm``: RMS norm in float32, then the gain. transformers builds
+    it with its default eps 1e-6 whatever the config's ``rms_norm_eps`` says; so does kvx."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
 class MLAAttention(nn.Module):
     """Multi-head latent attention built from a base attention module.
 
@@ -171,8 +189,11 @@ class MLAAttention(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.kv_rank = r = int(spec["kv_rank"])
         rope_dims = int(spec["rope_dims"])
-        self.m = m = rope_dims // (2 * self.n_kv)  # kept frequency pairs per KV head
-        self.nope = hd - 2 * m
+        layout = spec.get("layout", "kvx")
+        self.shared = layout in ("shared", "deepseek")
+        rope_heads = 1 if self.shared else self.n_kv  # RoPE keys cached per token
+        self.m = m = rope_dims // (2 * rope_heads)  # kept frequency pairs per RoPE key
+        self.nope = hd if self.shared else hd - 2 * m
         self.q_proj, self.o_proj = base.q_proj, base.o_proj
         self.q_norm = getattr(base, "q_norm", None)
         self.k_norm_eps = k_norm_eps
@@ -183,33 +204,50 @@ class MLAAttention(nn.Module):
         kv_bias = k_bias or base.v_proj.bias is not None
         self.kv_a_proj = nn.Linear(hidden, r, bias=False)
         self.kv_b_proj = nn.Linear(r, self.n_kv * (self.nope + hd), bias=kv_bias)
-        self.k_rope_proj = nn.Linear(hidden, self.n_kv * 2 * m, bias=k_bias) if m else None
+        self.k_rope_proj = nn.Linear(hidden, rope_heads * 2 * m, bias=k_bias) if m else None
         self.k_scale_proj = nn.Linear(hidden, self.n_kv * hd, bias=k_bias) if k_norm_eps is not None else None
-        self.register_buffer("rope_pairs", torch.zeros(self.n_kv, m, dtype=torch.long))
+        self.register_buffer("rope_pairs", torch.zeros(rope_heads, m, dtype=torch.long))
+        self.kv_a_layernorm = None
+        if self.shared:
+            if k_norm_eps is not None:
+                raise ValueError(f"the {layout} MLA layout does not support per-head key norms")
+            self.register_buffer("rope_mix", torch.ones(self.n_kv, m))
+        if layout == "deepseek":
+            if self.q_proj.bias is not None:  # DeepSeek-V3's plain q projection has no bias
+                self.q_proj.register_parameter("bias", None)
+            self.kv_a_layernorm = LatentRMSNorm(r)
         self.absorb = spec.get("absorb", "decode")  # "decode" | "always" | "never"
         self._q_idx_key, self._q_idx = None, None
 
     # -- index bookkeeping (derived from the persistent rope_pairs buffer)
 
-    def _q_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per query head: kept pairs, RoPE dims (x1 | x2) and NoPE dims, following its KV head.
+    def _q_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per query head: kept pairs, RoPE dims (x1 | x2), NoPE dims and (shared key)
+        the weight its RoPE part gets, following its KV head.
 
-        Derived from the ``rope_pairs`` buffer once and reused while it is unchanged (same
-        storage, same version): decoding calls this every token in every layer."""
-        key = (self.rope_pairs.data_ptr(), self.rope_pairs._version)
+        Derived from the buffers once and reused while they are unchanged (same storage,
+        same version): decoding calls this every token in every layer."""
+        bufs = [self.rope_pairs] + ([self.rope_mix] if self.shared else [])
+        key = tuple((b.data_ptr(), b._version) for b in bufs)
         if key != self._q_idx_key:
             self._q_idx, self._q_idx_key = self._derive_q_indices(), key
         return self._q_idx
 
-    def _derive_q_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _derive_q_indices(self):
         group = self.n_heads // self.n_kv
-        pairs = self.rope_pairs.repeat_interleave(group, dim=0)  # [H, m]
         half = self.head_dim // 2
+        if self.shared:
+            pairs = self.rope_pairs.expand(self.n_heads, -1)
+            rope_idx = torch.cat([pairs, pairs + half], dim=-1)
+            nope_idx = torch.arange(self.head_dim, device=pairs.device).expand(self.n_heads, -1)
+            mix = self.rope_mix.repeat_interleave(group, dim=0)
+            return pairs, rope_idx, nope_idx, torch.cat([mix, mix], dim=-1)[None, :, None, :]
+        pairs = self.rope_pairs.repeat_interleave(group, dim=0)  # [H, m]
         rope_idx = torch.cat([pairs, pairs + half], dim=-1)
         keep = torch.ones(self.n_heads, self.head_dim, dtype=torch.bool, device=pairs.device)
         keep.scatter_(1, rope_idx, False)
         nope_idx = keep.nonzero()[:, 1].view(self.n_heads, self.nope)
-        return pairs, rope_idx, nope_idx
+        return pairs, rope_idx, nope_idx, None
 
     # -- forward
 
@@ -226,10 +264,12 @@ class MLAAttention(nn.Module):
         q = self.q_proj(hidden_states).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q_pairs, q_rope_idx, q_nope_idx = self._q_indices()
+        q_pairs, q_rope_idx, q_nope_idx, q_mix = self._q_indices()
         expand = (bsz, self.n_heads, q_len, -1)
-        q_nope = q.gather(-1, q_nope_idx[None, :, None, :].expand(expand))
+        q_nope = q if self.shared else q.gather(-1, q_nope_idx[None, :, None, :].expand(expand))
         q_rope = q.gather(-1, q_rope_idx[None, :, None, :].expand(expand))
+        if q_mix is not None:
+            q_rope = q_rope * q_mix.to(q_rope.dtype)
         q_rope = _rotate_pairs(q_rope, *_pair_angles(cos, sin, q_pairs))
 
         latent, k_rope = self._compress(hidden_states, cos, sin)
@@ -246,18 +286,20 @@ class MLAAttention(nn.Module):
         """What one token adds to the cache: latent (+ per-KV-head 1/rms) and RoPE keys."""
         bsz, t, _ = x.shape
         latent = self.kv_a_proj(x)
+        if self.kv_a_layernorm is not None:
+            latent = self.kv_a_layernorm(latent)
         scale = None
         if self.k_scale_proj is not None:
             k_full = self.k_scale_proj(x).view(bsz, t, self.n_kv, self.head_dim).float()
             scale = torch.rsqrt(k_full.pow(2).mean(-1) + self.k_norm_eps).to(latent.dtype)  # [B, T, n_kv]
             latent = torch.cat([latent, scale], dim=-1)
         if self.m:
-            k_rope = self.k_rope_proj(x).view(bsz, t, self.n_kv, 2 * self.m).transpose(1, 2)
+            k_rope = self.k_rope_proj(x).view(bsz, t, -1, 2 * self.m).transpose(1, 2)
             if scale is not None:
                 k_rope = k_rope * scale.transpose(1, 2)[..., None]
             k_rope = _rotate_pairs(k_rope, *_pair_angles(cos, sin, self.rope_pairs))
         else:
-            k_rope = latent.new_zeros(bsz, self.n_kv, t, 0)
+            k_rope = latent.new_zeros(bsz, self.rope_pairs.shape[0], t, 0)
         return latent[:, None], k_rope
 
     def _split_latent(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -289,7 +331,7 @@ class MLAAttention(nn.Module):
         v = kv[..., self.n_kv * self.nope :].view(bsz, s_len, self.n_kv, self.head_dim).transpose(1, 2)
         if scale is not None:
             k_nope = k_nope * scale
-        k = torch.cat([k_nope, k_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.n_kv, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         return self._sdpa(q, k, v, attention_mask, q_len)
 
@@ -308,7 +350,7 @@ class MLAAttention(nn.Module):
             w_uk = torch.cat([w_uk, b[:n_k].view(self.n_kv, self.nope, 1)], dim=-1)
             keys = torch.cat([keys, keys.new_ones(*keys.shape[:-1], 1)], dim=-1)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.repeat_interleave(group, dim=0))
-        keys = keys.expand(bsz, self.n_kv, -1, -1)
+        keys = keys.expand(bsz, k_rope.shape[1], -1, -1)  # shared RoPE key: one key head for all
         if scale is not None:
             keys = keys * scale
         k = torch.cat([keys, k_rope], dim=-1)

@@ -319,8 +319,43 @@ def eval_(
         Console().print(long_table)
 
 
-for _name in ("push", "run"):
-    _register_stub(_name)
+@app.command()
+def run(
+    recipe: Annotated[str | None, typer.Argument(help="A recipe YAML file or a built-in recipe's name (see --list).")] = None,
+    out: Annotated[str, typer.Option("-o", "--out", help="Folder for every stage's output (re-running skips finished stages).")] = "",
+    list_: Annotated[bool, typer.Option("--list", help="List the built-in recipes and exit.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start OUT over instead of continuing it.")] = False,
+):
+    """Run a recipe: profile -> convert -> distill -> eval, each stage's output kept in OUT."""
+    from .recipe import builtin_recipes, load_recipe, run_recipe
+
+    if list_:
+        table = Table(title="built-in recipes (kvx run NAME -o DIR)")
+        for col in ("name", "model", "what it does"):
+            table.add_column(col)
+        for name in builtin_recipes():
+            r = _run(load_recipe, name)
+            table.add_row(name, r.model, r.description)
+        Console().print(table)
+        return
+    if recipe is None:
+        _fail("missing RECIPE (a YAML file or a built-in name; `kvx run --list` shows them)")
+    if not out:
+        _fail("missing -o/--out: the folder for the stages' outputs")
+    r = _run(load_recipe, recipe)
+    with _progress() as progress:
+        result = _run(run_recipe, r, out, progress=progress, say=lambda m: console.print(m, highlight=False), overwrite=overwrite)
+    rows = result["rows"]
+    table = Table(title=f"kvx run {r.name}: {result['data']} evaluation ({out}/eval.json)")
+    for col in ("model", "perplexity", "KV bytes/token", "KV cut vs original"):
+        table.add_column(col)
+    base_kv = rows["original"]["kv_bytes_per_token"]
+    for label, row in rows.items():
+        table.add_row(f"{label} ({row['name']})", f"{row['ppl']:.3f}", f"{row['kv_bytes_per_token']:.0f}", f"{base_kv / row['kv_bytes_per_token']:.2f}x")
+    Console().print(table)
+
+
+_register_stub("push")
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -69,21 +69,6 @@ def _run(fn, *args, **kwargs):
         _fail("interrupted; nothing was written")
 
 
-def _not_yet(name: str):
-    def command(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None):
-        _fail(f"'kvx {name}' is not implemented yet")
-
-    command.__doc__ = {
-        "push": "Push a checkpoint and its model card to the Hub. (not implemented yet)",
-        "run": "Run a whole recipe: profile, convert, distill, eval. (not implemented yet)",
-    }[name]
-    return command
-
-
-def _register_stub(name: str) -> None:
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_yet(name))
-
-
 @app.command()
 def profile(
     model: ModelArg = DEFAULT_MODEL,
@@ -355,7 +340,26 @@ def run(
     Console().print(table)
 
 
-_register_stub("push")
+@app.command()
+def push(
+    folder: Annotated[str, typer.Argument(help="A checkpoint folder (kvx convert/distill output, or a kvx export).")],
+    repo: Annotated[str, typer.Option(help="Hub repository USER/NAME (created if missing).")],
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing; default main).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Show the files, commit message and model card; upload nothing.")] = False,
+):
+    """Push a checkpoint and its model card (plan, eval table, distillation run) to the Hub in one commit."""
+    from .hub import push as run
+
+    result = _run(run, folder, repo, private, revision, dry_run)
+    if not dry_run:
+        Console().print(f"pushed: {result}")
+        return
+    Console().print(f"would push {len(result.files) + 1} files to {result.repo_id}" + (f"@{result.revision}" if result.revision else "")
+                    + f" ({'private' if result.private else 'public'}), commit message: {result.commit_message!r}")
+    for f in result.files + ["README.md (generated)"]:
+        Console().print(f"  {f}", highlight=False)
+    Console().print(result.card, markup=False, highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -244,6 +244,8 @@ def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwri
 
     if fmt != "deepseek":
         raise KvxError(f"--format {fmt!r} is not available (available: deepseek)")
+    if not (Path(src) / "config.json").is_file():
+        raise KvxError(f"checkpoint folder not found: {src} (kvx export reads a local kvx checkpoint)")
     out = Path(out) if out else Path(str(Path(src)).rstrip("/") + "-deepseek")
     check_output(out, overwrite)
     model, tokenizer, _ = load_model(src)

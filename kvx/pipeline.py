@@ -145,10 +145,9 @@ def _check_layout(layout: str, rope_select: str, adapter) -> None:
         raise KvxError(f"unknown MLA layout {layout!r} (choose from {', '.join(LAYOUTS)})")
     if layout == "kvx":
         return
-    if adapter.k_norm_eps() is not None:
+    if adapter.has_qk_norm:
         raise KvxError(
-            f"{adapter.family} RMS-normalises keys per head, which DeepSeek-V3's attention cannot express: "
-            "use --layout kvx"
+            f"{adapter.family} RMS-normalises keys per head, which a shared RoPE key cannot express: use --layout kvx"
         )
     if rope_select not in SHARED_ROPE_SELECTIONS:
         raise KvxError(
@@ -284,6 +283,8 @@ def _check_export(export: str | None, plan: Plan, adapter, out: Path, overwrite:
         return None
     if export == "deepseek":
         check_deepseek_plan(plan)
+        if adapter.deepseek_export_problem():
+            raise KvxError(f"cannot export to DeepSeek-V3: {adapter.deepseek_export_problem()}")
     elif export == "native":
         native_layer_types(plan)
         adapter.native_sliding_config(["full_attention"] * adapter.n_layers, 2)

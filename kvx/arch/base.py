@@ -142,6 +142,22 @@ class ArchAdapter:
     def k_norm_eps(self) -> float | None:
         return None
 
+    # -- exports
+
+    def deepseek_export_problem(self) -> str | None:
+        """Why DeepSeek-V3's dense block (pre-norms, bias-free gated MLP, plain RoPE, no
+        per-head norms) cannot express this family, or None when it can."""
+        if self.has_qk_norm:
+            return f"{self.family} RMS-normalises keys per head"
+        if any(self.sliding_window(i) for i in range(self.n_layers)) or getattr(self.config, "use_sliding_window", False):
+            return f"this {self.family} model has sliding-window layers"
+        rope = dict(getattr(self.config, "rope_parameters", None) or {})
+        if rope.get("rope_type", "default") != "default":
+            return f"RoPE scaling {rope.get('rope_type')!r} does not carry over to DeepSeek's RoPE"
+        if getattr(self.config, "mlp_bias", False):
+            return "its MLP has biases"
+        return None
+
 
 class QKNormAdapter(ArchAdapter):
     """Families that RMS-normalise q and k per head before RoPE (Qwen3, Gemma3)."""

@@ -34,6 +34,7 @@ class ProfileStage:
     target_kv_ratio: float = 4.0
     rope_dims: int | None = None
     streaming: bool = False
+    lazy_threshold: float = 0.9  # a layer this lazy (or lazier) may become streaming
     sink: int = 4
     window: int | None = None
 
@@ -220,7 +221,8 @@ def run_recipe(recipe: Recipe, out: str | Path, progress=None, say: Callable[[st
     if p is not None and _stage("profile", (out / "profile" / "report.json").exists(), say):
         pipeline.profile(
             recipe.model, out / "profile", tokens=p.tokens, seq_len=p.seq_len, target_kv_ratio=p.target_kv_ratio,
-            rope_dims=p.rope_dims, streaming=p.streaming, sink=p.sink, window=p.window, overwrite=True, **kw,
+            rope_dims=p.rope_dims, streaming=p.streaming, lazy_threshold=p.lazy_threshold, sink=p.sink, window=p.window,
+            overwrite=True, **kw,
         )
 
     c, converted = recipe.convert, out / "converted"

@@ -51,7 +51,8 @@ def test_run_recipe_end_to_end_and_resume(tiny_dir, tmp_path):
     body = {
         "name": "tiny",
         "model": str(src),
-        "profile": {"tokens": 512, "seq_len": 128, "target_kv_ratio": 2.0},
+        "profile": {"tokens": 512, "seq_len": 128, "target_kv_ratio": 2.0, "streaming": True, "window": 32,
+                    "lazy_threshold": 0.0},  # random weights are not lazy: let the laziest layer stream anyway
         "convert": {"plan": "profile", "calib_tokens": 512},
         "distill": {"tokens": 1024, "seq_len": 64, "batch_size": 4, "save_every": 1, "lr": 1e-3},
         "eval": {"max_tokens": 512, "seq_len": 128},
@@ -66,6 +67,8 @@ def test_run_recipe_end_to_end_and_resume(tiny_dir, tmp_path):
         assert (out / stage).exists(), stage
     rows = result["rows"]
     assert set(rows) == {"original", "converted", "healed"}
+    config = json.loads((out / "converted" / "config.json").read_text())
+    assert {spec["kind"] for spec in config["kvx"]["layers"]} == {"mla", "streaming"}  # the profile's hybrid plan
     assert rows["converted"]["kv_bytes_per_token"] < rows["original"]["kv_bytes_per_token"]
     assert rows["healed"]["kv_bytes_per_token"] == rows["converted"]["kv_bytes_per_token"]
     assert all(m.endswith("running") for m in said)

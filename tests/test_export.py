@@ -121,3 +121,19 @@ def test_deepseek_export_refusals(tiny_dir, tmp_path):
         convert_to_mla(src, tmp_path / "x", kv_rank=24, rope_dims=7, layout="deepseek", **SMALL)
     with pytest.raises(KvxError, match="keys per head"):
         convert_to_mla(str(tiny_dir("qwen3")), tmp_path / "x", kv_rank=24, rope_dims=8, layout="deepseek", **SMALL)
+
+
+def test_deepseek_export_refuses_rope_scaling(tmp_path, tokenizer):
+    """Llama 3's frequency-dependent RoPE scaling has no DeepSeek equivalent: refused before any work."""
+    model = tiny_model("llama")
+    model.config.rope_parameters = {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+    }
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    with pytest.raises(KvxError, match="RoPE scaling 'llama3'"):
+        convert_to_mla(str(tmp_path / "src"), tmp_path / "x", kv_rank=24, rope_dims=8, export="deepseek", **SMALL)
+    assert not (tmp_path / "x").exists()
+    # kvx's own runtime takes any RoPE: the same conversion without the export works
+    convert_to_mla(str(tmp_path / "src"), tmp_path / "y", kv_rank=24, rope_dims=8, layout="shared", **SMALL)

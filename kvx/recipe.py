@@ -209,9 +209,11 @@ def run_recipe(recipe: Recipe, out: str | Path, progress=None, say: Callable[[st
 
     kw = {"progress": progress} if progress else {}
     out = Path(out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     stamp = out / "recipe.json"
+    if overwrite and out.exists():
+        if not stamp.exists() and any(out.iterdir()):  # never wipe a folder kvx run did not make
+            raise KvxError(f"--overwrite: {out} is not a kvx run folder (no recipe.json); remove it yourself or pick another -o")
+        shutil.rmtree(out)
     if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(recipe.to_dict())):
         raise KvxError(f"{out} holds the stages of another recipe (see {stamp}): use a new -o folder or --overwrite")
     out.mkdir(parents=True, exist_ok=True)

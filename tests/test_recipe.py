@@ -95,3 +95,12 @@ def test_run_recipe_end_to_end_and_resume(tiny_dir, tmp_path):
     recipe_path.write_text(yaml.safe_dump(body))
     with pytest.raises(KvxError, match="another recipe"):
         run_recipe(load_recipe(recipe_path), out, say=said.append)
+
+
+def test_overwrite_never_wipes_a_foreign_folder(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(KvxError, match="not a kvx run folder"):
+        run_recipe(load_recipe("smollm2-mla-4x"), precious, say=lambda m: None, overwrite=True)
+    assert (precious / "thesis.tex").exists()

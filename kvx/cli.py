@@ -337,6 +337,11 @@ def run(
     base_kv = rows["original"]["kv_bytes_per_token"]
     for label, row in rows.items():
         table.add_row(f"{label} ({row['name']})", f"{row['ppl']:.3f}", f"{row['kv_bytes_per_token']:.0f}", f"{base_kv / row['kv_bytes_per_token']:.2f}x")
+    for ctx in rows["original"].get("long", {}):  # long documents: tail perplexity at that context
+        long_base = rows["original"]["long"][ctx]["kv_bytes_per_token"]
+        for label, row in rows.items():
+            r = row["long"][ctx]
+            table.add_row(f"{label}, {ctx}-token context (tail)", f"{r['ppl_tail']:.3f}", f"{r['kv_bytes_per_token']:.0f}", f"{long_base / r['kv_bytes_per_token']:.2f}x")
     Console().print(table)
 
 

@@ -14,6 +14,7 @@ import torch
 from .arch import ArchAdapter, get_adapter
 from .checkpoint import atomic_dir, check_output, save_checkpoint
 from .errors import KvxError
+from .loading import build_uninitialised, load_model
 from .plan import FullSpec, MLASpec, Plan, StreamingSpec
 
 
@@ -56,33 +57,18 @@ def export_native(base_model, tokenizer, adapter: ArchAdapter, plan: Plan, out: 
 
 
 def _deepseek_geometry(model) -> dict:
-    """The one MLA shape every layer must share for a DeepSeek-V3 config, or a clear refusal."""
-    from .modeling.modeling_kvx import MLAAttention
-
+    """The one MLA shape every layer shares (the plan guarantees it) for a DeepSeek-V3 config."""
     config = model.config
-    problem = get_adapter(config).deepseek_export_problem()
-    if problem:
-        raise KvxError(f"cannot export to DeepSeek-V3: {problem}")
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    shapes = set()
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        if not isinstance(attn, MLAAttention) or attn.kv_a_layernorm is None:
-            raise KvxError(
-                f"layer {i} is not MLA in the deepseek layout: convert with `kvx convert ... --to mla --layout deepseek` "
-                "(or `--export deepseek`), every layer"
-            )
-        shapes.add((attn.kv_rank, attn.m, tuple(attn.rope_pairs[0].tolist())))
-    if len(shapes) != 1:
-        raise KvxError("DeepSeek-V3 has one kv_lora_rank and one RoPE key size: every layer needs the same kv_rank and rope_dims")
-    kv_rank, m, pairs = shapes.pop()
-    stride = pairs[1] - pairs[0] if m > 1 else 1
-    if list(pairs) != [j * stride for j in range(m)]:
-        raise KvxError(f"kept RoPE pairs {pairs} are not a progression from 0: DeepSeek's RoPE cannot make them")
+    check_deepseek_plan(Plan.from_config(config), get_adapter(config))
     attn = model.model.layers[0].self_attn
+    m, pairs = attn.m, attn.rope_pairs[0].tolist()
+    stride = pairs[1] - pairs[0] if m > 1 else 1
+    if pairs != [j * stride for j in range(m)]:
+        raise KvxError(f"kept RoPE pairs {pairs} are not a progression from 0: DeepSeek's RoPE cannot make them")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
     theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     return {
-        "kv_rank": kv_rank,
+        "kv_rank": attn.kv_rank,
         "m": m,
         # pair p of head_dim rotates at theta^(-2p/hd); pair j of 2m dims at theta'^(-2j/2m): p = stride*j
         "rope_theta": theta ** (2 * m * stride / attn.head_dim),
@@ -140,14 +126,15 @@ def _interleave(m: int) -> torch.Tensor:
     return torch.stack([torch.arange(m), torch.arange(m) + m], dim=-1).flatten()
 
 
-def deepseek_attention_state(attn, ds_scaling: float) -> dict:
+def deepseek_attention_state(attn, ds_scaling: float, with_bias: bool) -> dict:
     """One MLA layer (deepseek layout) as DeepSeek-V3 attention weights, exactly.
 
     Queries gain the RoPE part each head reads from the shared key (weighted by its KV
     head's mix), interleaved, and absorb the change of softmax scale. K/V up-projections are
     repeated per query head. Biases: the NoPE key bias adds the same score to every key of a
     query (softmax drops it), and the value bias leaves attention as a constant that folds
-    into ``o_proj``'s bias.
+    into ``o_proj``'s bias. ``with_bias``: the config has ``attention_bias`` (then both biases
+    are written, zeros where kvx has none).
     """
     heads, n_kv, hd, m, r = attn.n_heads, attn.n_kv, attn.head_dim, attn.m, attn.kv_rank
     group = heads // n_kv
@@ -170,6 +157,8 @@ def deepseek_attention_state(attn, ds_scaling: float) -> dict:
             "kv_b_proj.weight": kv_b,
             "o_proj.weight": attn.o_proj.weight.clone(),
         }
+        if not with_bias:
+            return state
         zeros = attn.kv_a_proj.weight.new_zeros
         k_rope_bias = attn.k_rope_proj.bias[perm] if attn.k_rope_proj.bias is not None else zeros(2 * m)
         state["kv_a_proj_with_mqa.bias"] = torch.cat([zeros(r), k_rope_bias])
@@ -185,26 +174,17 @@ def to_deepseek(model):
     """A ``DeepseekV3ForCausalLM`` that computes what the kvx ``model`` (all-MLA, deepseek layout) does."""
     from transformers import DeepseekV3ForCausalLM
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: random init is only slower
-        import contextlib
-
-        no_init_weights = contextlib.nullcontext
     geom = _deepseek_geometry(model)
     config = deepseek_config(model, geom)
-    with no_init_weights():
-        ds = DeepseekV3ForCausalLM(config)
+    ds = build_uninitialised(DeepseekV3ForCausalLM, config)
     ds.to(next(model.parameters()).dtype)
     state = {}
     for key, value in model.state_dict().items():
         if ".self_attn." not in key:
             state[key] = value
     for i, layer in enumerate(model.model.layers):
-        attn_state = deepseek_attention_state(layer.self_attn, ds.model.layers[i].self_attn.scaling)
+        attn_state = deepseek_attention_state(layer.self_attn, ds.model.layers[i].self_attn.scaling, geom["bias"])
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in attn_state.items()})
-    if not geom["bias"]:
-        state = {k: v for k, v in state.items() if not k.endswith(("kv_a_proj_with_mqa.bias", "o_proj.bias"))}
     result = ds.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or result.unexpected_keys:
@@ -214,8 +194,11 @@ def to_deepseek(model):
     return ds.eval()
 
 
-def check_deepseek_plan(plan: Plan) -> None:
-    """Refuse, before any work, a plan DeepSeek-V3's config cannot hold."""
+def check_deepseek_plan(plan: Plan, adapter: ArchAdapter) -> None:
+    """Refuse, before any work, a plan (or a family) DeepSeek-V3's config cannot hold."""
+    problem = adapter.deepseek_export_problem()
+    if problem:
+        raise KvxError(f"cannot export to DeepSeek-V3: {problem}")
     shapes = {(s.kv_rank, s.rope_dims, s.rope_select, s.layout) if isinstance(s, MLASpec) else s.kind for s in plan.layers}
     if len(shapes) != 1 or not all(isinstance(s, MLASpec) and s.layout == "deepseek" for s in plan.layers):
         raise KvxError(
@@ -234,8 +217,6 @@ def export_deepseek(model, tokenizer, out: str | Path, source: str, overwrite: b
 
 def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """``kvx export SRC --format deepseek``: a kvx checkpoint re-laid out for serving engines (default OUT: SRC-deepseek)."""
-    from .loading import load_model
-
     if fmt != "deepseek":
         raise KvxError(f"--format {fmt!r} is not available (available: deepseek)")
     if not (Path(src) / "config.json").is_file():
@@ -245,5 +226,4 @@ def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwri
     model, tokenizer, _ = load_model(src)
     if not getattr(model.config, "kvx", None):
         raise KvxError(f"{src} is not a kvx checkpoint: convert it first (kvx convert ... --to mla --layout deepseek)")
-    check_deepseek_plan(Plan.from_config(model.config))
     return export_deepseek(model, tokenizer, out, src, overwrite)

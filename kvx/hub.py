@@ -115,17 +115,14 @@ class UploadPlan:
     folder: Path = field(repr=False, default=Path("."))
 
 
-def _front_matter(text: str) -> tuple[dict, str]:
-    """A README's YAML header (as a dict) and its body."""
-    import yaml
+def _read_card(path: Path) -> tuple[dict, str]:
+    """A README's metadata header (as a dict) and its body; empty when there is no README."""
+    from huggingface_hub import ModelCard
 
-    if text.startswith("---\n") and "\n---\n" in text[4:]:
-        head, body = text[4:].split("\n---\n", 1)
-        try:
-            return yaml.safe_load(head) or {}, body
-        except yaml.YAMLError:
-            return {}, body
-    return {}, text
+    if not path.is_file():
+        return {}, ""
+    card = ModelCard(path.read_text())
+    return card.data.to_dict(), card.text
 
 
 def base_license(base_model: str | None) -> str | None:
@@ -135,11 +132,11 @@ def base_license(base_model: str | None) -> str | None:
     if not base_model:
         return None
     for alias in ALIASES.values():
-        if base_model in (alias.hub_id,):
+        if base_model == alias.hub_id:
             return alias.license
     readme = Path(base_model) / "README.md"
     if readme.is_file():
-        return _front_matter(readme.read_text())[0].get("license")
+        return _read_card(readme)[0].get("license")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or base_model.count("/") != 1:
         return None
     try:
@@ -191,7 +188,7 @@ def hub_card(folder: Path, repo_id: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     config = json.loads((folder / "config.json").read_text())
-    meta, body = _front_matter((folder / "README.md").read_text()) if (folder / "README.md").is_file() else ({}, "")
+    meta, body = _read_card(folder / "README.md")
     base = meta.get("base_model") or (config.get("kvx") or {}).get("base_model")
     plan = config.get("kvx")
     tags = ["kvx", "kv-cache-compression"]

@@ -139,6 +139,18 @@ def load_model(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, d
     return m, tokenizer, name
 
 
+def build_uninitialised(cls, config):
+    """``cls(config)`` without random init: its weights are about to be overwritten anyway."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: random init is only slower
+        import contextlib
+
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        return cls(config)
+
+
 def load(path: str, **kwargs):
     """``kvx.load``: the model alone (use ``load_model`` for the tokenizer too)."""
     return load_model(path, **kwargs)[0]

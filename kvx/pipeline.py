@@ -31,7 +31,7 @@ from .errors import KvxError
 from .eval import compare, evaluate_model, kv_bytes_per_token, kv_bytes_per_token_spec, long_context, perplexity
 from .export import check_deepseek_plan, export_deepseek, export_native, native_layer_types
 from .hub import model_card
-from .loading import load_model
+from .loading import build_uninitialised, load_model
 from .modeling.modeling_kvx import MLAAttention, kvx_class_for
 from .plan import FullSpec, MLASpec, Plan, StreamingSpec
 
@@ -85,15 +85,7 @@ def build_converted(base_model, plan: Plan, layer_weights: dict, k_norm_eps: flo
     """A kvx model for ``plan``: base weights everywhere, ``layer_weights`` in the MLA layers."""
     config = copy.deepcopy(base_model.config)
     config.kvx = {**plan.to_dict(), "k_norm_eps": k_norm_eps}
-    cls = kvx_class_for(config)
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: random init is only slower
-        import contextlib
-
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        model = cls(config)
+    model = build_uninitialised(kvx_class_for(config), config)
     model.to(next(base_model.parameters()).dtype)
     result = model.load_state_dict(base_model.state_dict(), strict=False)
     model.tie_weights()
@@ -282,9 +274,7 @@ def _check_export(export: str | None, plan: Plan, adapter, out: Path, overwrite:
     if export is None:
         return None
     if export == "deepseek":
-        check_deepseek_plan(plan)
-        if adapter.deepseek_export_problem():
-            raise KvxError(f"cannot export to DeepSeek-V3: {adapter.deepseek_export_problem()}")
+        check_deepseek_plan(plan, adapter)
     elif export == "native":
         native_layer_types(plan)
         adapter.native_sliding_config(["full_attention"] * adapter.n_layers, 2)

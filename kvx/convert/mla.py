@@ -196,6 +196,21 @@ def joint_kv(
     return JointKV(torch.cat([wk_nope * alpha, wv]), alpha, wk, bk, rope_rows, nope_rows)
 
 
+def _factor(jkv: JointKV, bv: torch.Tensor | None, cov: torch.Tensor | None, kv_rank: int, exact: bool, kv_rows: int):
+    """Factor ``jkv`` to ``kv_rank`` (exactly: by the weights; else under ``cov``), undo K's balancing
+    scale in the up-projection, and line up the ``kv_b`` bias ([K_nope; V]; ``kv_rows`` per part).
+    Returns (down, up, bias or None, kept energy share), float64."""
+    up, down, kept = joint_lowrank(jkv.joint, None if exact else cov, kv_rank)
+    up = up.clone()
+    up[: jkv.nope_rows.numel()] /= jkv.alpha
+    bias = None
+    if jkv.bk is not None or bv is not None:
+        zeros = torch.zeros(kv_rows, dtype=torch.float64)
+        bk = jkv.bk if jkv.bk is not None else zeros
+        bias = torch.cat([bk[jkv.nope_rows], bv.double() if bv is not None else zeros])
+    return down, up, bias, kept
+
+
 def convert_layer_to_mla(
     wk: torch.Tensor,
     wv: torch.Tensor,
@@ -221,15 +236,7 @@ def convert_layer_to_mla(
     cov = stats.covariance if stats is not None else None
     jkv = joint_kv(wk, wv, bk, n_kv=n_kv, head_dim=head_dim, pairs=pairs, cov=cov, k_gain=k_gain)
     exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden)
-    up, down, kept = joint_lowrank(jkv.joint, None if exact else cov, kv_rank)
-    up = up.clone()
-    up[: jkv.nope_rows.numel()] /= jkv.alpha
-
-    bias = None
-    if jkv.bk is not None or bv is not None:
-        zeros_k = torch.zeros(n_kv * head_dim, dtype=torch.float64)
-        bk_all = jkv.bk if jkv.bk is not None else zeros_k
-        bias = torch.cat([bk_all[jkv.nope_rows], bv.double() if bv is not None else zeros_k])
+    down, up, bias, kept = _factor(jkv, bv, cov, kv_rank, exact, n_kv * head_dim)
     return MLAWeights(
         kv_a=down.float(),
         kv_b=up.float(),
@@ -317,15 +324,8 @@ def convert_layer_to_shared_mla(
         n_kv=n_kv, head_dim=head_dim, pairs=torch.zeros(n_kv, 0, dtype=torch.long), cov=cov,
     )
     exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden, "shared")
-    up, down, kept = joint_lowrank(jkv.joint, None if exact else cov, kv_rank)
-    up = up.clone()
-    up[: n_kv * head_dim] /= jkv.alpha
+    down, up, bias, kept = _factor(jkv, bv, cov, kv_rank, exact, n_kv * head_dim)
     latent_ms = float(torch.einsum("rh,hk,rk->", down, cov.double(), down) / kv_rank) if cov is not None else 1.0
-
-    bias = None
-    if bk2 is not None or bv is not None:
-        zeros = torch.zeros(n_kv * head_dim, dtype=torch.float64)
-        bias = torch.cat([jkv.bk if jkv.bk is not None else zeros, bv.double() if bv is not None else zeros])
     return MLAWeights(
         kv_a=down.float(),
         kv_b=up.float(),

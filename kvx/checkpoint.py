@@ -72,7 +72,8 @@ def save_checkpoint(
             model.config.architectures = ["KvxForCausalLM"]
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         _ensure_index(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # weights-only conversions of a folder that has none
+            tokenizer.save_pretrained(tmp)
         if getattr(model.config, "kvx", None):
             shutil.copy(modeling_kvx.__file__, tmp / "modeling_kvx.py")
         (tmp / "README.md").write_text(card(tmp))

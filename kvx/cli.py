@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -57,10 +58,13 @@ def _progress():
 def _run(fn, *args, **kwargs):
     """Call a library function; user errors become one red line and exit code 2."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # transformers' own bars ("Loading weights")
+    disable_progress_bars()  # huggingface_hub's ("Writing model shards"): kvx draws its own
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices: not the user's to act on
     try:
         return fn(*args, **kwargs)
     except KvxError as e:
@@ -193,6 +197,8 @@ def convert(
         kv["dtype"], f"{kv['baseline']:.0f}", f"{kv['measured']:.0f}", f"{kv['spec']:.0f}", f"{kv['baseline'] / kv['measured']:.2f}x"
     )
     Console().print(table)
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     for fmt in ("native", "deepseek"):
         if fmt in result:
             Console().print(f"{fmt} transformers checkpoint (no remote code): {result[fmt]}")

@@ -24,6 +24,10 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def model_card(base_model: str, plan: Plan, kv: dict, extra: dict | None = None) -> str:
     """A README.md for a converted checkpoint: what it is, its plan, its measured cache size."""
     extra = extra or {}
+    if kv["measured"] <= 0 or kv["measured"] != kv["spec"]:
+        raise KvxError(
+            f"refusing to write a model card: the cache measured {kv['measured']:.0f} bytes/token, the plan says {kv['spec']:.0f}"
+        )
     lines = [
         "---",
         f"base_model: {base_model}",

@@ -105,14 +105,31 @@ def resolve(model: str) -> tuple[str, str]:
     return model, model
 
 
-def load_model(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """(model, tokenizer, name) for any MODEL kvx accepts; kvx checkpoints load with their runtime."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(source: str) -> bool:
+    """Does a local model folder carry a tokenizer? (Hub ids: assumed yes; transformers will say.)"""
+    path = Path(source)
+    return not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_model(
+    model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None, need_tokenizer: bool = True
+):
+    """(model, tokenizer, name) for any MODEL kvx accepts; kvx checkpoints load with their runtime.
+
+    ``need_tokenizer=False``: a folder without a tokenizer loads with ``tokenizer=None`` (weights-only work)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, name = resolve(model)
+    if not has_tokenizer(source) and need_tokenizer:
+        raise KvxError(
+            f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): copy the base model's tokenizer files into it"
+        )
     try:
         config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer(source) else None
         if getattr(config, "kvx", None):
             from .modeling.modeling_kvx import KvxForCausalLM
 

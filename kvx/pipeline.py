@@ -192,10 +192,10 @@ def convert_to_mla(
     check_output(out, overwrite)
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
-    base, tokenizer, name = loaded or load_model(model)
+    use_calib = calib.lower() != "none"
+    base, tokenizer, name = loaded or load_model(model, need_tokenizer=use_calib)
     adapter = get_adapter(base.config)
     hidden = base.config.hidden_size
-    use_calib = calib.lower() != "none"
     if plan is None:
         layout = "deepseek" if export == "deepseek" else layout
         rope_select = rope_select or ("high" if layout != "kvx" or not use_calib else "2norm")
@@ -254,6 +254,10 @@ def convert_to_mla(
         "dtype": "float32",
     }
     extra = {"conversion": f"{how}, calibration: {calib if use_calib else 'none (weights-only SVD)'}"}
+    notes = []
+    if tokenizer is None:
+        notes.append(f"{model} has no tokenizer: none was copied into {out}; add the base model's tokenizer files before evaluating")
+        extra["tokenizer"] = "none (the source folder has none)"
     if energies:
         extra["mean share of [K_nope; V] energy kept by the latent"] = f"{sum(energies) / len(energies):.4f}"
     shared = [w.rope_energy_kept for w in weights.values() if w.rope_energy_kept is not None]
@@ -261,7 +265,7 @@ def convert_to_mla(
         extra["mean share of kept-frequency key energy in the shared RoPE key"] = f"{sum(shared) / len(shared):.4f}"
     converted.generation_config = base.generation_config
     save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
-    result = {"out": str(out), "plan": plan, "kv": kv, "energy_kept": energies}
+    result = {"out": str(out), "plan": plan, "kv": kv, "energy_kept": energies, "notes": notes}
     if export_out is not None and export == "native":
         result["native"] = str(export_native(base, tokenizer, adapter, plan, export_out, overwrite))
     elif export_out is not None:
@@ -345,9 +349,9 @@ def convert_to_streaming(
     check_output(Path(out), overwrite)
     if sink < 0 or window < 1:
         raise KvxError(f"--sink must be >= 0 and --window >= 1 (got {sink}, {window})")
-    base, tokenizer, name = load_model(model)
-    adapter = get_adapter(base.config)
     needs_profile = streaming_fraction(layers) is not None
+    base, tokenizer, name = load_model(model, need_tokenizer=needs_profile)
+    adapter = get_adapter(base.config)
     lazy = lazy_layers(base, tokenizer, adapter, data, sink, window, progress=progress) if needs_profile else None
     chosen = set(choose_streaming_layers(layers, lazy, adapter.n_layers))
     plan = Plan([StreamingSpec(sink, window) if i in chosen else FullSpec() for i in range(adapter.n_layers)], name)

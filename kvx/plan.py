@@ -149,15 +149,19 @@ class Plan:
             return cls.all_full(config.num_hidden_layers, getattr(config, "_name_or_path", None))
         return cls.from_dict({k: v for k, v in meta.items() if k != "k_norm_eps"})
 
-    def kv_bytes(self, geom: CacheGeometry, n_tokens: int, dtype_bytes: int) -> int:
-        """Bytes the cache holds after ``n_tokens`` tokens (batch 1), sliding windows included."""
-        total = 0
+    def layer_kv_bytes(self, geom: CacheGeometry, n_tokens: int, dtype_bytes: int) -> list[int]:
+        """Bytes each layer's cache holds after ``n_tokens`` tokens (batch 1), sliding windows included."""
+        out = []
         for i, spec in enumerate(self.layers):
             kept = spec.cached_tokens(n_tokens) if isinstance(spec, StreamingSpec) else n_tokens
             if geom.layer_types and geom.layer_types[i] == "sliding_attention" and geom.sliding_window:
                 kept = min(kept, geom.sliding_window - 1)
-            total += spec.cached_floats(geom) * kept * dtype_bytes
-        return total
+            out.append(spec.cached_floats(geom) * kept * dtype_bytes)
+        return out
+
+    def kv_bytes(self, geom: CacheGeometry, n_tokens: int, dtype_bytes: int) -> int:
+        """Bytes the whole cache holds after ``n_tokens`` tokens (batch 1)."""
+        return sum(self.layer_kv_bytes(geom, n_tokens, dtype_bytes))
 
     def summary(self) -> str:
         """``30 layers: 30 mla(kv_rank=60, rope_dims=36)``; uneven ranks show as a range."""

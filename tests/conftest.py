@@ -57,14 +57,23 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    """Save a tiny model of a family (with the real tokenizer) as a local HF folder."""
-
+def _tiny_dir_maker(root, tokenizer):
     def make(family: str, seed: int = 0):
-        path = tmp_path / f"tiny-{family}"
+        path = root / f"tiny-{family}"
         tiny_model(family, seed).save_pretrained(path)
         tokenizer.save_pretrained(path)
         return path
 
     return make
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """Save a tiny model of a family (with the real tokenizer) as a local HF folder."""
+    return _tiny_dir_maker(tmp_path, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir_factory(tmp_path_factory, tokenizer):
+    """``tiny_dir`` for module- and session-scoped fixtures."""
+    return _tiny_dir_maker(tmp_path_factory.mktemp("tiny"), tokenizer)

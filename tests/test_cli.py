@@ -114,6 +114,7 @@ def test_convert_then_eval_json(tiny_dir, tmp_path):
     src, out = tiny_dir("qwen2"), tmp_path / "out"
     proc = kvx("convert", str(src), "-o", str(out), "--kv-rank", "16", "--rope-dims", "8", "--calib-tokens", "1024")
     assert proc.returncode == 0, proc.stderr
+    assert "it/s" not in proc.stderr and "Writing model shards" not in proc.stderr  # kvx draws its own progress
     proc = kvx("eval", str(out), "--baseline", str(src), "--max-tokens", "512", "--seq-len", "128", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -152,3 +153,19 @@ def test_profile_bad_options(tiny_dir, tmp_path, args, fragment):
     proc = kvx("profile", str(tiny_dir("llama")), "-o", str(out), "--tokens", "256", "--seq-len", "128", *args)
     assert_one_line_error(proc, fragment)
     assert not out.exists()
+
+
+def test_folder_without_tokenizer(tiny_dir, tmp_path):
+    """Evaluating needs a tokenizer and says so plainly; a weights-only conversion does not need one."""
+    src = tiny_dir("llama")
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    assert_one_line_error(kvx("eval", str(src)), "has no tokenizer")
+    out = tmp_path / "out"
+    proc = kvx("convert", str(src), "-o", str(out), "--kv-rank", "16", "--rope-dims", "8", "--calib", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "has no tokenizer: none was copied" in proc.stderr
+    assert (out / "config.json").is_file() and not (out / "tokenizer.json").exists()
+    assert_one_line_error(kvx("convert", str(src), "-o", str(tmp_path / "calib"), "--kv-rank", "16", "--rope-dims", "8"),
+                          "has no tokenizer")

@@ -13,10 +13,14 @@ import kvx
 from kvx.errors import KvxError
 from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.export import export_checkpoint
+from kvx.modeling.modeling_kvx import cache_kwargs
 from kvx.pipeline import convert_to_mla
 
 from .conftest import tiny_model
 from .test_mla import SMALL, _ids
+
+# Runtime behaviour: run again under the oldest transformers of the declared range (.ci/run).
+pytestmark = pytest.mark.runtime
 
 
 def _save_tiny(path, family, tokenizer, n_kv=None):
@@ -37,9 +41,9 @@ def _save_tiny(path, family, tokenizer, n_kv=None):
 def _prefill_and_decode(model, cache, ids, steps=4):
     """Logits of a prefill and of ``steps`` single-token decode steps through ``cache``."""
     with torch.no_grad():
-        out = [model(ids[:, :-steps], past_key_values=cache).logits]
+        out = [model(ids[:, :-steps], **cache_kwargs(model, cache)).logits]
         for t in range(ids.shape[1] - steps, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            out.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits)
     return torch.cat(out, dim=1)
 
 
@@ -56,7 +60,7 @@ def test_shared_rope_key_is_lossless_with_one_kv_head(family, tmp_path, tokenize
     attn = conv.model.layers[0].self_attn
     cache = new_cache(conv)
     with torch.no_grad():
-        conv(ids[:1], past_key_values=cache)
+        conv(ids[:1], **cache_kwargs(conv, cache))
     layer = cache.layers[0]
     assert layer.values.shape[1] == 1 and layer.values.shape[-1] == attn.head_dim
     assert layer.keys.shape[-1] == attn.kv_rank

@@ -11,11 +11,14 @@ import kvx
 from kvx.arch import get_adapter
 from kvx.data import token_windows
 from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
-from kvx.modeling.modeling_kvx import MLAAttention, MLACacheLayer, MLASlidingCacheLayer
+from kvx.modeling.modeling_kvx import MLAAttention, MLACacheLayer, MLASlidingCacheLayer, cache_kwargs, output_cache
 from kvx.pipeline import convert_to_mla
 from kvx.plan import FullSpec, MLASpec, Plan
 
 from .conftest import FAMILIES
+
+# Runtime behaviour: run again under the oldest transformers of the declared range (.ci/run).
+pytestmark = pytest.mark.runtime
 
 SMALL = dict(calib_tokens=1024, calib_seq_len=128)
 
@@ -35,10 +38,10 @@ def _decode_matches(base, conv, ids, steps=6, atol=1e-4):
     cb, cc = new_cache(base), new_cache(conv)
     with torch.no_grad():
         prompt = ids[:, :-steps]
-        assert_close(conv(prompt, past_key_values=cc).logits, base(prompt, past_key_values=cb).logits, atol=atol, rtol=0)
+        assert_close(conv(prompt, **cache_kwargs(conv, cc)).logits, base(prompt, **cache_kwargs(base, cb)).logits, atol=atol, rtol=0)
         for t in range(ids.shape[1] - steps, ids.shape[1]):
             step = ids[:, t : t + 1]
-            assert_close(conv(step, past_key_values=cc).logits, base(step, past_key_values=cb).logits, atol=atol, rtol=0)
+            assert_close(conv(step, **cache_kwargs(conv, cc)).logits, base(step, **cache_kwargs(base, cb)).logits, atol=atol, rtol=0)
     return cc
 
 
@@ -111,7 +114,7 @@ def test_low_rank_cache_holds_only_latent_and_rope_key(family, tiny_dir, tmp_pat
     ids = _ids(tokenizer, n=40, batch=1)  # longer than gemma3's local window (16)
     cache = new_cache(conv)
     with torch.no_grad():
-        conv(ids, past_key_values=cache)
+        conv(ids, **cache_kwargs(conv, cache))
     scales = a.n_kv_heads if a.has_qk_norm else 0
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, (MLACacheLayer, MLASlidingCacheLayer))
@@ -154,7 +157,7 @@ def test_generate_uses_the_latent_cache(tiny_dir, tmp_path, tokenizer):
     ids = _ids(tokenizer, n=12, batch=1)
     res = conv.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     assert res.sequences.shape[-1] == 17
-    layer = res.past_key_values.layers[0]
+    layer = output_cache(res).layers[0]
     assert isinstance(layer, MLACacheLayer) and layer.latent.shape[-2] == 16
 
 

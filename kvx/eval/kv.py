@@ -1,4 +1,9 @@
-"""KV-cache bytes per token: from the plan (spec) and from the real cache object (measured)."""
+"""KV-cache bytes per token: from the plan (spec) and from the real cache object (measured).
+
+The two must agree layer by layer. A layer whose cache holds less (or more) than its spec
+says is an error, never a number: that is what a runtime that silently stops caching (a
+renamed transformers argument, say) looks like from outside.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import torch
 
 from ..arch import get_adapter
 from ..arch.deepseek import is_native_mla, native_mla_geometry, native_mla_plan
-from ..modeling.modeling_kvx import cache_nbytes, make_cache
+from ..errors import KvxError
+from ..modeling.modeling_kvx import cache_kwargs, layer_nbytes, make_cache
 from ..plan import Plan
 
 
@@ -23,18 +29,45 @@ def dtype_bytes(model) -> int:
     return torch.finfo(next(model.parameters()).dtype).bits // 8
 
 
+def _plan_and_geometry(model):
+    if is_native_mla(model.config):
+        return native_mla_plan(model.config), native_mla_geometry(model.config)
+    return Plan.from_config(model.config), get_adapter(model.config).geometry()
+
+
+def layer_bytes_spec(model, n_tokens: int) -> list[int]:
+    """What the plan says each layer's cache holds after ``n_tokens`` tokens, at the model dtype."""
+    plan, geom = _plan_and_geometry(model)
+    return plan.layer_kv_bytes(geom, n_tokens, dtype_bytes(model))
+
+
 def kv_bytes_per_token_spec(model, n_tokens: int) -> float:
     """What the plan says the cache holds per token after ``n_tokens`` tokens, at the model dtype."""
-    if is_native_mla(model.config):
-        plan, geom = native_mla_plan(model.config), native_mla_geometry(model.config)
-    else:
-        plan, geom = Plan.from_config(model.config), get_adapter(model.config).geometry()
-    return plan.kv_bytes(geom, n_tokens, dtype_bytes(model)) / n_tokens
+    return sum(layer_bytes_spec(model, n_tokens)) / n_tokens
+
+
+def checked_nbytes(model, cache, n_tokens: int, batch: int = 1) -> int:
+    """Bytes ``cache`` holds after ``n_tokens`` tokens of ``batch`` sequences, checked layer by layer
+    against the plan: a ``KvxError`` naming the first layer that disagrees."""
+    plan, _ = _plan_and_geometry(model)
+    want = layer_bytes_spec(model, n_tokens)
+    got = [layer_nbytes(layer) for layer in cache.layers]
+    if len(got) != len(want):
+        raise KvxError(f"the cache has {len(got)} layers but the plan {len(want)}: the runtime built the wrong cache")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w * batch:
+            what = "holds nothing" if g == 0 else f"holds {g} bytes"
+            raise KvxError(
+                f"layer {i} ({plan.layers[i].kind}): the cache {what} after {n_tokens} tokens, the plan says {w * batch}; "
+                "this runtime does not fill its cache (an unsupported transformers version?)"
+            )
+    return sum(got)
 
 
 @torch.no_grad()
 def kv_bytes_per_token(model, input_ids: torch.Tensor) -> float:
-    """Bytes held by the cache object after one forward over ``input_ids`` ([1, n]), per token."""
+    """Bytes held by the cache object after one forward over ``input_ids`` ([1, n]), per token,
+    checked against the plan."""
     cache = new_cache(model)
-    model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
-    return cache_nbytes(cache) / input_ids.shape[-1]
+    model(input_ids=input_ids.to(model.device), use_cache=True, **cache_kwargs(model, cache))
+    return checked_nbytes(model, cache, input_ids.shape[-1], input_ids.shape[0]) / input_ids.shape[-1]

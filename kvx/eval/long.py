@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import long_documents
-from .kv import kv_bytes_per_token_spec, new_cache
-from ..modeling.modeling_kvx import cache_nbytes
+from ..modeling.modeling_kvx import cache_kwargs
+from .kv import checked_nbytes, kv_bytes_per_token_spec, new_cache
 
 
 @torch.no_grad()
@@ -26,11 +26,11 @@ def long_context(model, tokenizer, data: str, context: int, tail: int = 1024, ma
     for ids in docs:
         ids = ids[None].to(model.device)
         cache = new_cache(model)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=tail + 1).logits
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=tail + 1, **cache_kwargs(model, cache)).logits
         targets = ids[:, -tail:]
         nll += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
-        nbytes = cache_nbytes(cache) if nbytes is None else nbytes
+        nbytes = checked_nbytes(model, cache, context) if nbytes is None else nbytes
         del cache, logits
         if on_doc:
             on_doc(1)

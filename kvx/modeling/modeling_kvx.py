@@ -24,6 +24,8 @@ MLA layer (DeepSeek-V2 style, upcycled from MHA/GQA):
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,40 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 KVX_CONFIG_KEY = "kvx"
+
+
+# --------------------------------------------------------------------------- transformers versions
+# transformers 5.24 renamed the cache argument of models, decoder layers and attention modules
+# from ``past_key_values`` to ``cache`` (the old name warns). A checkpoint's runtime is run by
+# whatever transformers its user has, so it reads either name and passes the cache on under
+# the name the installed version expects.
+
+OLD_CACHE_ARG, NEW_CACHE_ARG = "past_key_values", "cache"
+
+
+def cache_arg(model_or_cls) -> str:
+    """The keyword under which this model class's ``forward`` takes its cache."""
+    cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
+    cls = getattr(cls, "_kvx_base", cls)
+    params = inspect.signature(cls.forward).parameters
+    return NEW_CACHE_ARG if NEW_CACHE_ARG in params else OLD_CACHE_ARG
+
+
+def cache_kwargs(model, cache: Cache | None) -> dict:
+    """``{name: cache}`` for calling ``model(...)`` without a deprecation warning on any version."""
+    return {cache_arg(model): cache}
+
+
+def pop_cache(kwargs: dict, *given) -> Cache | None:
+    """The cache a caller passed, under either name (``given``: explicit arguments already bound)."""
+    found = [c for c in (*given, kwargs.pop(NEW_CACHE_ARG, None), kwargs.pop(OLD_CACHE_ARG, None)) if c is not None]
+    return found[0] if found else None
+
+
+def output_cache(output) -> Cache | None:
+    """The cache a model output or ``generate`` result carries (``.cache`` from 5.24 on)."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    return getattr(output, NEW_CACHE_ARG if NEW_CACHE_ARG in fields else OLD_CACHE_ARG, None)
 
 
 # --------------------------------------------------------------------------- cache layers
@@ -106,14 +142,16 @@ class StreamingCacheLayer(DynamicLayer):
         self.positions = self.step_positions = None
 
 
+def layer_nbytes(layer) -> int:
+    """Bytes one cache layer really holds: its own ``nbytes()`` where it has one, else its K/V tensors."""
+    if hasattr(layer, "nbytes"):
+        return int(layer.nbytes())
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+
 def cache_nbytes(cache: Cache) -> int:
     """Bytes the cache object really holds, summed over layers."""
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(layer_nbytes(layer) for layer in cache.layers)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -259,6 +297,7 @@ class MLAAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        cache = pop_cache(kwargs, past_key_values)
         bsz, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
         q = self.q_proj(hidden_states).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
@@ -273,8 +312,8 @@ class MLAAttention(nn.Module):
         q_rope = _rotate_pairs(q_rope, *_pair_angles(cos, sin, q_pairs))
 
         latent, k_rope = self._compress(hidden_states, cos, sin)
-        if past_key_values is not None:
-            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
         absorbed = self.absorb == "always" or (self.absorb == "decode" and q_len == 1)
         run = self._attend_absorbed if absorbed else self._attend_expanded
@@ -388,14 +427,15 @@ class StreamingAttention(nn.Module):
         self.sink, self.window = int(spec["sink"]), int(spec["window"])
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        cache = pop_cache(kwargs, past_key_values)
         bsz, t, _ = hidden_states.shape
         q, k, v = project_qkv(
             self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm, hidden_states,
             *position_embeddings, self.n_heads, self.n_kv, self.head_dim,
         )
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-            key_pos = past_key_values.layers[self.layer_idx].step_positions
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            key_pos = cache.layers[self.layer_idx].step_positions
         else:
             key_pos = torch.arange(t, device=q.device)
         q_pos = key_pos[-t:]
@@ -463,16 +503,19 @@ def kvx_class_for(config) -> type:
             base_cls.__init__(self, config, *args, **kwargs)
             apply_kvx_plan(self)
 
-        def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
-            if past_key_values is None and (use_cache if use_cache is not None else self.config.use_cache):
-                past_key_values = make_cache(self.config)
-            return base_cls.forward(self, *args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        name = cache_arg(base_cls)
+
+        def forward(self, *args, use_cache=None, **kwargs):
+            cache = pop_cache(kwargs)
+            if cache is None and (use_cache if use_cache is not None else self.config.use_cache):
+                cache = make_cache(self.config)
+            return base_cls.forward(self, *args, use_cache=use_cache, **{name: cache}, **kwargs)
 
         def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-            user_cache = model_kwargs.get("past_key_values")
+            user_cache = model_kwargs.get(name)
             out = base_cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-            if user_cache is None and model_kwargs.get("past_key_values") is not None:
-                model_kwargs["past_key_values"] = make_cache(self.config)
+            if user_cache is None and model_kwargs.get(name) is not None:
+                model_kwargs[name] = make_cache(self.config)
             return out
 
         _CLASS_CACHE[base_cls] = type(
@@ -482,6 +525,7 @@ def kvx_class_for(config) -> type:
                 "__init__": __init__,
                 "forward": forward,
                 "_prepare_cache_for_generation": _prepare_cache_for_generation,
+                "_kvx_base": base_cls,
                 "__module__": __name__,
             },
         )

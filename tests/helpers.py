@@ -1,0 +1,79 @@
+"""Helpers shared by the tests: loading a checkpoint as a user without kvx would, and the
+transformers range kvx declares (read from the installed package's own metadata)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+# Runs in a fresh interpreter where `import kvx` fails, as on a user's machine without kvx.
+# Writes what it saw to a .pt file: versions, layer and cache classes, logits, generated
+# tokens, and the bytes each cache layer holds after the prompt.
+RELOAD_WITHOUT_KVX = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class NoKvx(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "kvx" or name.startswith("kvx."):
+                raise ImportError("kvx is not installed here")
+    sys.meta_path.insert(0, NoKvx())
+    import torch, transformers
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    def cache_of(o):
+        return o.cache if "cache" in type(o).__dataclass_fields__ else o.past_key_values
+    def nbytes(layer):
+        if hasattr(layer, "nbytes"):
+            return int(layer.nbytes())
+        return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+    gen = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    torch.save({
+        "kvx_imported": "kvx" in sys.modules,
+        "transformers": transformers.__version__,
+        "attention": [type(layer.self_attn).__name__ for layer in model.model.layers],
+        "cache_layers": [type(layer).__name__ for layer in cache_of(gen).layers],
+        "cache_bytes": [nbytes(layer) for layer in cache_of(out).layers],
+        "tokens": gen.sequences[0].tolist(),
+        "logits": out.logits,
+    }, sys.argv[3])
+    """
+)
+
+
+def reload_without_kvx(checkpoint: Path, ids: torch.Tensor, pythonpath: Path | None = None) -> dict:
+    """Load ``checkpoint`` with ``trust_remote_code`` in a fresh interpreter without kvx (and, with
+    ``pythonpath``, the transformers installed there in front) and report what it computed."""
+    out = Path(checkpoint).parent / f"reload-{os.getpid()}-{pythonpath.name if pythonpath else 'here'}.pt"
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD_WITHOUT_KVX, str(checkpoint), json.dumps(ids.tolist()), str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def declared_transformers_range() -> tuple[Version, Version]:
+    """(oldest, newest) transformers that kvx's package metadata admits; both bounds must exist."""
+    for line in importlib.metadata.requires("kvx") or []:
+        req = Requirement(line)
+        if req.name == "transformers":
+            lo = [Version(s.version) for s in req.specifier if s.operator == ">="]
+            hi = [Version(s.version) for s in req.specifier if s.operator == "<="]
+            assert lo and hi, f"kvx must declare transformers as >=OLDEST,<=NEWEST (tested), not {req.specifier}"
+            return lo[0], hi[0]
+    raise AssertionError("kvx declares no transformers requirement")

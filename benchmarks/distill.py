@@ -32,15 +32,18 @@ def bare_throughput(student_dir: Path, seq_len: int, batch_size: int, steps: int
     no accelerate, no logging: the reference `kvx distill`'s own tokens/s is compared with (BENCH.md)."""
     import time
 
+    from kvx.arch import get_adapter
     from kvx.data import token_windows
     from kvx.distill.losses import kl_loss
     from kvx.distill.loop import select_trainable
     from kvx.loading import load_model
+    from kvx.plan import Plan
 
     student, tokenizer, _ = load_model(str(student_dir))
     teacher, _, _ = load_model("smollm2-135m")
     student.train()
-    opt = torch.optim.AdamW(select_trainable(student, "converted"), lr=1e-5)
+    trainable = select_trainable(student, "converted", Plan.from_config(student.config), get_adapter(student.config))
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
     batches = token_windows(tokenizer, "bundled", "calib", steps * batch_size * seq_len, seq_len).split(batch_size)
     times = []
     for ids in batches:

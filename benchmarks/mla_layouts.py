@@ -25,7 +25,8 @@ import torch
 from kvx.data import token_windows
 from kvx.eval import perplexity
 from kvx.loading import load_model
-from kvx.pipeline import convert_to_mla, distill
+from kvx.convert import convert
+from kvx.distill import distill
 
 ROWS = [  # label, layout, rope_select, kv_rank, rope_dims
     ("kvx, 2-norm pairs per KV head", "kvx", "2norm", 60, 36),
@@ -48,7 +49,7 @@ def main() -> None:
     results = []
     for label, layout, select, rank, rope in ROWS:
         conv_dir = out / f"{layout}-{select}"
-        kv = convert_to_mla(
+        kv = convert(
             "smollm2-135m", conv_dir, kv_rank=rank, rope_dims=rope, rope_select=select, layout=layout, overwrite=True, loaded=base
         )["kv"]
         before = perplexity(load_model(str(conv_dir))[0], windows)

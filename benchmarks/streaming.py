@@ -23,7 +23,8 @@ import torch
 from kvx.arch import get_adapter
 from kvx.eval import long_context
 from kvx.loading import load_model
-from kvx.pipeline import build_converted, lazy_layers
+from kvx.convert.assemble import convert_model
+from kvx.convert.scores import lazy_ratios
 from kvx.plan import FullSpec, Plan, StreamingSpec
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     base, tok, _ = load_model("smollm2-135m")
     adapter = get_adapter(base.config)
     n = adapter.n_layers
-    lazy = lazy_layers(base, tok, adapter, "bundled", a.sink, a.window)
+    lazy = lazy_ratios(base, tok, adapter, "bundled", a.sink, a.window)
     by_lazy = sorted(range(n), key=lambda i: -lazy[i])
     shuffled = random.Random(0).sample(range(n), n)
 
@@ -55,7 +56,7 @@ def main() -> None:
         for how, order in (("lazy ratio", by_lazy), ("random", shuffled), ("last layers", list(range(n - 1, -1, -1)))):
             chosen = set(order[:k])
             plan = Plan([StreamingSpec(a.sink, a.window) if i in chosen else FullSpec() for i in range(n)])
-            rows.append(row(f"{k}/{n} streaming by {how}", build_converted(base, plan, {}, None)))
+            rows.append(row(f"{k}/{n} streaming by {how}", convert_model(base, plan)[0]))
 
     base_res = rows[0][1]
     print(f"\nSmolLM2-135M-Instruct (bundled, float32), streaming layers with sink {a.sink} + window {a.window}, no training.")

@@ -9,11 +9,24 @@ as soon as they are folded in, so memory does not grow with the number of tokens
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .arch import ArchAdapter
-from .convert.mla import LayerStats
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one attention layer's input (running sums, never activations)."""
+
+    xx: torch.Tensor  # sum of x x^T, [hidden, hidden], float64
+    n_tokens: int
+    pair_score: torch.Tensor | None  # sum over tokens of ||q_pair|| * ||k_pair||, [n_kv, head_dim/2]
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.xx / max(self.n_tokens, 1)
 
 
 def _pair_norms(x: torch.Tensor, n_heads: int, head_dim: int, norm) -> torch.Tensor:

@@ -15,9 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import KvxError
-from .modeling import modeling_kvx
 
-AUTO_MAP = {"AutoModelForCausalLM": "modeling_kvx.KvxForCausalLM"}
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -65,17 +63,15 @@ def save_checkpoint(
     overwrite: bool = False,
     max_shard_size: str = "200MB",
 ) -> Path:
-    """Save model + tokenizer + shipped runtime + model card (``card(folder)`` returns its text)."""
+    """Save model + tokenizer + model card (``card(folder)`` returns its text); a kvx model's own
+    ``save_pretrained`` adds its config format and runtime files."""
     with atomic_dir(out, overwrite) as tmp:
-        if getattr(model.config, "kvx", None):
-            model.config.auto_map = dict(AUTO_MAP)
-            model.config.architectures = ["KvxForCausalLM"]
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)  # a kvx model also writes its runtime files
+        if getattr(model.config, "kvx", None) and not (tmp / "modeling_kvx.py").is_file():
+            raise RuntimeError(f"{type(model).__name__} is not a kvx runtime model: its checkpoint would not load")
         _ensure_index(tmp)
         if tokenizer is not None:  # weights-only conversions of a folder that has none
             tokenizer.save_pretrained(tmp)
-        if getattr(model.config, "kvx", None):
-            shutil.copy(modeling_kvx.__file__, tmp / "modeling_kvx.py")
         (tmp / "README.md").write_text(card(tmp))
     return Path(out)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import os
 import sys
@@ -14,8 +17,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .convert.config import ConvertConfig
+from .distill.config import DistillConfig
 from .errors import KvxError
+from .eval.config import EvalConfig
 from .loading import DEFAULT_MODEL
+from .profile.config import ProfileConfig
 
 app = typer.Typer(
     help="kvx: upcycle a pretrained causal LM into one with a much smaller KV cache.",
@@ -28,7 +35,78 @@ console = Console(stderr=True)
 ModelArg = Annotated[
     str, typer.Argument(help=f"Local folder, Hub id, .gguf file or built-in alias ({DEFAULT_MODEL}).")
 ]
-DataOpt = Annotated[str, typer.Option(help="Text: 'bundled', a file/folder, or hf:NAME[:CONFIG][:SPLIT].")]
+OutOpt = Annotated[str, typer.Option("-o", "--out", help="Output folder.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
+
+
+def _option(name: str, hint, default, help: str, metavar: str | None = None) -> inspect.Parameter:
+    flag = "--" + name.replace("_", "-")
+    annotation = Annotated[hint, typer.Option(flag, help=help, metavar=metavar)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _config_options(cls) -> list[inspect.Parameter]:
+    """One typer option per field of a stage config, with the field's default and help."""
+    from .config import config_fields
+
+    params = []
+    for f, hint in config_fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if meta.get("parse"):  # typed in as text, parsed into the field's type
+            hint, default = str | None, None
+        params.append(_option(f.name, hint, default, meta["help"], meta.get("text")))
+    return params
+
+
+def _build_config(cls, kwargs: dict):
+    """The config from the command's keyword arguments (its fields are popped from ``kwargs``)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            value = kwargs.pop(f.name)
+            parse = f.metadata.get("parse")
+            values[f.name] = parse(value) if parse else value
+    return cls(**values)
+
+
+def with_config(name: str, cls, extra: list[inspect.Parameter] = (), collect=None):
+    """Give a command the options of a stage config; the command receives the config as ``name``.
+    ``extra``: more options (``collect(config, their values)`` folds them into the config)."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)  # real Annotated objects, not strings: typer reads them
+        own = [p for p in sig.parameters.values() if p.name != name]
+        params = own + _config_options(cls) + list(extra)
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            extras = {p.name: kwargs.pop(p.name) for p in extra}
+            try:
+                config = _build_config(cls, kwargs)
+                config = collect(config, extras) if collect else config
+            except KvxError as e:
+                _fail(str(e))
+            return fn(**kwargs, **{name: config})
+
+        wrapper.__signature__ = sig.replace(parameters=params)
+        del wrapper.__wrapped__  # typer must read the new signature, not fn's
+        return wrapper
+
+    return decorate
+
+
+def _shortcut_options() -> list[inspect.Parameter]:
+    """The methods' shortcut options (``--kv-rank``, ``--sink``, ...), unset by default."""
+    from .methods import shortcut_options
+
+    return [_option(n, option.type | None, None, option.help) for n, (_, option) in shortcut_options().items()]
+
+
+def _with_shortcuts(config, values: dict):
+    return dataclasses.replace(config, options={k: v for k, v in values.items() if v is not None})
 
 
 def _fail(message: str) -> None:
@@ -74,121 +152,42 @@ def _run(fn, *args, **kwargs):
 
 
 @app.command()
-def profile(
-    model: ModelArg = DEFAULT_MODEL,
-    out: Annotated[str, typer.Option("-o", "--out", help="Folder for report.json, PNG plots and plan.yaml.")] = "",
-    data: DataOpt = "bundled",
-    tokens: Annotated[int, typer.Option(help="Tokens to profile (from DATA's calibration part).")] = 8192,
-    seq_len: Annotated[int, typer.Option(help="Sequence length of each profiled window.")] = 1024,
-    reference: Annotated[
-        str | None, typer.Option(help="A smaller model of the same family and tokenizer: cross-scale attention similarity (IAM).")
-    ] = None,
-    sink: Annotated[int, typer.Option(help="Attention-sink tokens for the lazy ratio.")] = 4,
-    window: Annotated[int | None, typer.Option(help="Recent-window tokens for the lazy ratio (default seq_len/8).")] = None,
-    topk: Annotated[int, typer.Option(help="k of the step-to-step top-k recall.")] = 16,
-    rope_dims: Annotated[int | None, typer.Option(help="RoPE dims per token and layer the plan keeps (default: 3/8 of the budget).")] = None,
-    target_kv_ratio: Annotated[float, typer.Option(help="KV-size cut the suggested plan aims for.")] = 4.0,
-    streaming: Annotated[bool, typer.Option(help="Let the plan make the laziest layers streaming (sinks + window).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-):
+@with_config("cfg", ProfileConfig)
+def profile(model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: OverwriteOpt = False, cfg: ProfileConfig = None):
     """Profile every layer (lazy ratio, KV spectrum, RoPE pairs, cross-layer/-scale similarity) and suggest a plan."""
-    from .pipeline import profile as run
+    from .profile.run import profile as run
 
     if not out:
         _fail("missing -o/--out: the folder for the report")
     with _progress() as progress:
-        report = _run(
-            run,
-            model,
-            out,
-            data=data,
-            tokens=tokens,
-            seq_len=seq_len,
-            reference=reference,
-            sink=sink,
-            window=window,
-            topk=topk,
-            rope_dims=rope_dims,
-            target_kv_ratio=target_kv_ratio,
-            streaming=streaming,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        report = _run(run, model, out, cfg, overwrite=overwrite, progress=progress)
+    from .plan import spec_from_dict, spec_string
+
     s = report["settings"]
     table = Table(title=f"kvx profile {report['model']}: {report['tokens']} tokens of {report['data']}, windows of {s['seq_len']}")
     for col in ("layer", f"lazy ratio (sink {s['sink']} + last {s['window']})", "lazy rank", "rank 95% [K_nope;V]", f"top-{s['topk']} recall", "plan"):
         table.add_column(col)
-    plan_layers = report["suggested_plan"]["layers"]
-    for layer, spec in zip(report["layers"], plan_layers):
-        shown = spec["kind"] if spec["kind"] != "mla" else f"mla({spec['kv_rank']}, {spec['rope_dims']})"
+    for layer, spec in zip(report["layers"], report["suggested_plan"]["layers"]):
         table.add_row(
             str(layer["layer"]), f"{layer['lazy_ratio']:.3f}", str(layer["lazy_rank"]),
-            f"{layer['spectrum']['joint']['rank_95']}/{layer['spectrum']['joint']['dims']}", f"{layer['topk_recall']:.3f}", shown,
+            f"{layer['spectrum']['joint']['rank_95']}/{layer['spectrum']['joint']['dims']}", f"{layer['topk_recall']:.3f}",
+            spec_string(spec_from_dict(spec)),
         )
     Console().print(table)
     Console().print(f"Suggested plan: expected KV ratio {report['expected_kv_ratio']:.2f}x. Wrote: {', '.join(report['files'])}")
 
 
 @app.command()
-def convert(
-    model: ModelArg = DEFAULT_MODEL,
-    to: Annotated[str, typer.Option("--to", help="Target attention: 'mla' or 'streaming'.")] = "mla",
-    out: Annotated[str, typer.Option("-o", "--out", help="Output checkpoint folder.")] = "",
-    kv_rank: Annotated[str, typer.Option(help="Latent floats per token and layer, or 'full' (lossless).")] = "full",
-    rope_dims: Annotated[
-        str, typer.Option(help="RoPE key floats per token and layer (all KV heads together), or 'all'.")
-    ] = "all",
-    rope_select: Annotated[
-        str | None, typer.Option(help="Which frequency pairs to keep: 2norm (default with calibration), high, low, uniform.")
-    ] = None,
-    calib: Annotated[str, typer.Option(help="Calibration text (as --data), or 'none' for weights-only SVD.")] = "bundled",
-    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 16384,
-    layers: Annotated[
-        str | None, typer.Option(help="Layers to convert, e.g. '0-9,20' (mla default: all); streaming also 'auto' (laziest half) or a fraction like 0.25.")
-    ] = None,
-    sink: Annotated[int, typer.Option(help="streaming: attention-sink tokens kept.")] = 4,
-    window: Annotated[int, typer.Option(help="streaming: recent tokens kept.")] = 1020,
-    plan: Annotated[str | None, typer.Option(help="A per-layer plan (plan.yaml from kvx profile) instead of the options above.")] = None,
-    layout: Annotated[
-        str, typer.Option(help="mla: kvx (a RoPE key per KV head), shared (one RoPE key for all heads) or deepseek (shared + latent norm: DeepSeek-V3's attention).")
-    ] = "kvx",
-    export: Annotated[
-        str | None, typer.Option(help="Also write OUT-native or OUT-deepseek: 'native' = base weights + transformers layer_types (full + sink-free streaming plans, Qwen2/Qwen3); 'deepseek' = DeepseekV3ForCausalLM (all-MLA, implies --layout deepseek).")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-):
-    """Convert MODEL's attention layers: MLA (SVD/PCA-initialised latent attention) or streaming (sinks + window)."""
-    from .pipeline import convert_to_mla, convert_to_streaming
+@with_config("cfg", ConvertConfig, extra=_shortcut_options(), collect=_with_shortcuts)
+def convert(model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: OverwriteOpt = False, cfg: ConvertConfig = None):
+    """Convert MODEL's attention layers to a smaller cache: --to mla (latent attention), streaming (sinks + window),
+    a spec like 'mla(kv_rank=60, rope_dims=36)', or --plan FILE."""
+    from .convert.run import convert as run
 
-    if to not in ("mla", "streaming"):
-        _fail(f"--to {to!r} is not implemented yet (available: mla, streaming)")
     if not out:
         _fail("missing -o/--out: where to write the converted checkpoint")
-    if plan is not None and (kv_rank != "full" or rope_dims != "all" or layers is not None or rope_select is not None or layout != "kvx"):
-        _fail("--plan sets every layer: drop --kv-rank, --rope-dims, --rope-select, --layout and --layers")
     with _progress() as progress:
-        if to == "streaming" and plan is None:
-            result = _run(
-                convert_to_streaming, model, out, layers or "auto", sink, window, data=calib if calib != "none" else "bundled",
-                overwrite=overwrite, progress=progress, export=export,
-            )
-        else:
-            result = _run(
-                convert_to_mla,
-                model,
-                out,
-                kv_rank=kv_rank,
-                rope_dims=rope_dims,
-                rope_select=rope_select,
-                calib=calib,
-                calib_tokens=calib_tokens,
-                layers=layers,
-                overwrite=overwrite,
-                progress=progress,
-                plan=plan,
-                export=export,
-                layout=layout,
-            )
+        result = _run(run, model, out, cfg, overwrite=overwrite, progress=progress)
     kv = result["kv"]
     table = Table(title=f"kvx convert -> {result['out']} (cache after {kv['tokens']} tokens)", caption=result["plan"].summary())
     for col in ("KV bytes/token", "base", "measured", "plan", "ratio"):
@@ -199,9 +198,8 @@ def convert(
     Console().print(table)
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    for fmt in ("native", "deepseek"):
-        if fmt in result:
-            Console().print(f"{fmt} transformers checkpoint (no remote code): {result[fmt]}")
+    if cfg.export:
+        Console().print(f"{cfg.export} transformers checkpoint (no remote code): {result[cfg.export]}")
 
 
 @app.command()
@@ -209,7 +207,7 @@ def export(
     checkpoint: Annotated[str, typer.Argument(help="A kvx checkpoint (all-MLA, --layout deepseek).")],
     format: Annotated[str, typer.Option("--format", help="Target layout: deepseek (DeepseekV3ForCausalLM).")] = "deepseek",
     out: Annotated[str | None, typer.Option("-o", "--out", help="Output folder (default: CHECKPOINT-FORMAT).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Re-lay a kvx checkpoint out in a format serving engines load without kvx (exact, no retraining)."""
     from .export import export_checkpoint
@@ -219,39 +217,21 @@ def export(
 
 
 @app.command()
+@with_config("cfg", DistillConfig)
 def distill(
     student: Annotated[str, typer.Argument(help="The converted model to heal (a kvx checkpoint, or any model with --teacher).")],
     out: Annotated[str, typer.Option("-o", "--out", help="Output folder: the healed checkpoint, metrics.jsonl, checkpoints/.")] = "",
-    teacher: Annotated[str | None, typer.Option(help="Teacher (default: the model STUDENT was converted from); same tokenizer.")] = None,
-    data: Annotated[str, typer.Option(help="Training text: 'bundled', a file/folder, hf:NAME, or 'teacher' (text the teacher writes).")] = "bundled",
-    tokens: Annotated[int, typer.Option(help="Training tokens.")] = 262_144,
-    seq_len: Annotated[int, typer.Option(help="Sequence length.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch (per process).")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up 5%, linear decay).")] = 1e-4,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL.")] = 1.0,
-    loss: Annotated[str, typer.Option(help="kl | kl+ce | kl+hidden.")] = "kl",
-    train: Annotated[str, typer.Option(help="converted (only weights the conversion created) | all | lora.")] = "converted",
-    eval_every: Annotated[int, typer.Option(help="Evaluation perplexity every K steps (0: only at the end).")] = 0,
-    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every K steps (0: none).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue OUT from its last checkpoint.")] = False,
-    mixed_precision: Annotated[str, typer.Option(help="no | bf16 | fp16 (accelerate).")] = "no",
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank for --train lora.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the data order and sampling.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start OUT over if it exists.")] = False,
+    cfg: DistillConfig = None,
 ):
     """Heal a converted model with a short teacher distillation (accelerate: CPU, GPU, or accelerate launch)."""
-    from .pipeline import distill as run
+    from .distill.run import distill as run
 
     if not out:
         _fail("missing -o/--out: where to write the healed checkpoint")
     with _progress() as progress:
-        summary = _run(
-            run, student, out, teacher=teacher, data=data, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-            grad_accum=grad_accum, lr=lr, temperature=temperature, loss=loss, train=train, eval_every=eval_every,
-            save_every=save_every, resume=resume, overwrite=overwrite, seed=seed, mixed_precision=mixed_precision, lora_rank=lora_rank,
-            progress=progress,
-        )
+        summary = _run(run, student, out, cfg, resume=resume, overwrite=overwrite, progress=progress)
     if "ppl_after" in summary:
         Console().print(
             f"{summary['steps']} steps in {summary['seconds']:.0f} s: perplexity {summary['ppl_before']:.3f} -> "
@@ -260,34 +240,22 @@ def distill(
 
 
 @app.command("eval")
+@with_config("cfg", EvalConfig)
 def eval_(
     model: ModelArg = DEFAULT_MODEL,
     baseline: Annotated[str | None, typer.Option(help="Model to compare against (same data, same windows).")] = None,
-    data: DataOpt = "bundled",
-    max_tokens: Annotated[int, typer.Option(help="Evaluation tokens.")] = 8192,
-    seq_len: Annotated[int, typer.Option(help="Window length (tokens).")] = 512,
-    long: Annotated[
-        str | None, typer.Option(help="Long contexts to evaluate too, e.g. '4096,8192': tail perplexity of long documents and cache bytes.")
-    ] = None,
-    long_tail: Annotated[int, typer.Option(help="Tokens at the end of each long prefix whose loss is measured.")] = 1024,
-    long_docs: Annotated[int, typer.Option(help="Long documents per context.")] = 4,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    cfg: EvalConfig = None,
 ):
     """Perplexity and KV-cache bytes per token (from the plan and measured), optionally vs a baseline."""
-    from .pipeline import evaluate
+    from .eval.run import evaluate
 
     with _progress() as progress:
-        try:
-            contexts = [int(c) for c in long.split(",")] if long else None
-        except ValueError:
-            _fail(f"--long takes token counts like '4096,8192', not {long!r}")
-        result = _run(
-            evaluate, model, baseline, data, max_tokens, seq_len, contexts, long_tail, long_docs, progress=progress
-        )
+        result = _run(evaluate, model, baseline, cfg, progress=progress)
     if json_out:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"kvx eval on {data} ({result['model']['tokens']} tokens, windows of {seq_len})")
+    table = Table(title=f"kvx eval on {cfg.data} ({result['model']['tokens']} tokens, windows of {cfg.seq_len})")
     for col in ("model", "perplexity", "KV bytes/token (measured)", "KV bytes/token (plan)"):
         table.add_column(col)
     for key in ("baseline", "model"):
@@ -298,7 +266,7 @@ def eval_(
     if "kv_ratio" in result:
         Console().print(f"KV ratio (baseline / model): {result['kv_ratio']:.2f}x   ppl ratio (model / baseline): {result['ppl_ratio']:.3f}")
     if result["model"].get("long"):
-        long_table = Table(title=f"long documents: perplexity of the last {long_tail} tokens")
+        long_table = Table(title=f"long documents: perplexity of the last {cfg.long_tail} tokens")
         for col in ("model", "context", "docs", "tail perplexity", "KV bytes/token (measured)", "KV bytes/token (plan)"):
             long_table.add_column(col)
         for key in ("baseline", "model"):

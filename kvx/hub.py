@@ -14,11 +14,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .arch.deepseek import is_native_mla
 from .errors import KvxError
 from .plan import Plan
 
 SKIPPED = ("checkpoints/", ".")  # resumable training states and hidden temp folders stay local
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def plan_tags(plan: Plan) -> list[str]:
+    """Hub tags: kvx's own, then each method's for the kinds the plan uses."""
+    from .methods import method_of
+
+    tags = ["kvx", "kv-cache-compression"] + [t for spec in plan.layers for t in method_of(spec).tags]
+    return list(dict.fromkeys(tags))
 
 
 def model_card(base_model: str, plan: Plan, kv: dict, extra: dict | None = None) -> str:
@@ -32,7 +41,7 @@ def model_card(base_model: str, plan: Plan, kv: dict, extra: dict | None = None)
         "---",
         f"base_model: {base_model}",
         "library_name: transformers",
-        "tags: [kvx, mla, kv-cache-compression]",
+        f"tags: [{', '.join(plan_tags(plan))}]",
         "---",
         "",
         f"# {base_model}, converted by kvx",
@@ -60,9 +69,9 @@ def model_card(base_model: str, plan: Plan, kv: dict, extra: dict | None = None)
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
         "```",
         "",
-        "The modeling code ships in this folder (`modeling_kvx.py`, torch + transformers only).",
-        "Without `trust_remote_code=True` transformers would build the plain base architecture",
-        "and leave the converted layers uninitialised: always pass it.",
+        "The modeling code ships in this folder (`modeling_kvx.py` and its `kvx_*.py` siblings, torch +",
+        "transformers only). The config's `model_type` is `kvx`, so without `trust_remote_code=True`",
+        "transformers refuses to load it instead of building the plain base model.",
         "",
         "## Plan",
         "",
@@ -195,11 +204,9 @@ def hub_card(folder: Path, repo_id: str | None = None) -> str:
     meta, body = _read_card(folder / "README.md")
     base = meta.get("base_model") or (config.get("kvx") or {}).get("base_model")
     plan = config.get("kvx")
-    tags = ["kvx", "kv-cache-compression"]
-    kinds = {spec["kind"] for spec in plan["layers"]} if plan else set()
-    tags += sorted(kinds - {"full"})
-    if config.get("model_type") == "deepseek_v3":
-        tags += ["mla", "deepseek_v3"]
+    tags = plan_tags(Plan.from_dict(plan)) if plan else ["kvx", "kv-cache-compression"]
+    if is_native_mla(config):
+        tags += ["mla", config["model_type"]]
     data = ModelCardData(
         base_model=base, license=meta.get("license") or base_license(base), library_name="transformers",
         tags=list(dict.fromkeys(tags)), pipeline_tag="text-generation",

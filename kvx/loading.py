@@ -114,13 +114,26 @@ def has_tokenizer(source: str) -> bool:
     return not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
+def _config(source: str):
+    """The model's config; a kvx checkpoint's (model_type ``kvx``) as its base family's config
+    carrying the plan, read with kvx's own copy of the runtime (no remote code is run)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    from .modeling.configuration_kvx import MODEL_TYPE, base_config_from_dict
+
+    config_dict, _ = PretrainedConfig.get_config_dict(source)
+    if config_dict.get("model_type") == MODEL_TYPE:
+        return base_config_from_dict(config_dict)
+    return AutoConfig.from_pretrained(source)
+
+
 def load_model(
     model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None, need_tokenizer: bool = True
 ):
     """(model, tokenizer, name) for any MODEL kvx accepts; kvx checkpoints load with their runtime.
 
     ``need_tokenizer=False``: a folder without a tokenizer loads with ``tokenizer=None`` (weights-only work)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, name = resolve(model)
     if not has_tokenizer(source) and need_tokenizer:
@@ -128,8 +141,8 @@ def load_model(
             f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): copy the base model's tokenizer files into it"
         )
     try:
-        config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer(source) else None
+        config = _config(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, config=config) if has_tokenizer(source) else None
         if getattr(config, "kvx", None):
             from .modeling.modeling_kvx import KvxForCausalLM
 

@@ -1,99 +1,107 @@
 """The per-layer plan: the one thing that travels between kvx steps besides weights.
 
-A plan is a list of layer specs, one per decoder layer. Each spec knows how many
-floats its layer caches per token, which makes it the single source of truth that
-``kvx eval`` checks against the real cache object.
+A plan is a list of layer specs, one per decoder layer. The specs live in the runtime's
+``kvx_specs.py`` (the same dataclasses are shipped in every checkpoint); each knows how many
+floats its layer caches per token, which makes the plan the single source of truth that
+``kvx eval`` checks against the real cache object. Specs are written as text the way
+``Plan.summary()`` prints them: ``mla(kv_rank=60, rope_dims=36)``, ``streaming(sink=4, window=1020)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, Union
 
 import yaml
 
 from .errors import KvxError
+from .modeling import kvx_specs
+from .modeling.kvx_specs import SPEC_TYPES, CacheGeometry, FullSpec, LayerSpec, MLASpec, StreamingSpec
 
+__all__ = [
+    "SPEC_TYPES", "CacheGeometry", "FullSpec", "LayerSpec", "MLASpec", "Plan", "StreamingSpec",
+    "parse_layers", "parse_spec", "spec_from_dict", "spec_string", "spec_to_dict",
+]
 
-@dataclass(frozen=True)
-class FullSpec:
-    """The base model's attention, untouched: K and V of every KV head."""
-
-    kind: ClassVar[str] = "full"
-
-    def cached_floats(self, geom: "CacheGeometry") -> int:
-        return 2 * geom.n_kv_heads * geom.head_dim
-
-
-@dataclass(frozen=True)
-class MLASpec:
-    """Multi-head latent attention (X-EcoMLA / MHA2MLA / TransMLA upcycling).
-
-    ``kv_rank``: latent floats per token. ``rope_dims``: RoPE key floats per token, all KV
-    heads together (2 per kept frequency pair per KV head). ``rope_select``: how the pairs
-    were chosen. Families with per-head key RMS norms also cache one scale per KV head.
-    ``layout``: ``kvx`` (a RoPE key per KV head, MHA2MLA-style), ``shared`` (one RoPE key of
-    ``rope_dims`` for all heads, TransMLA-style) or ``deepseek`` (shared, plus an RMS norm on
-    the latent: DeepSeek-V3's attention, exportable with ``kvx export --format deepseek``).
-    """
-
-    kv_rank: int
-    rope_dims: int
-    rope_select: str = "2norm"
-    layout: str = "kvx"
-    kind: ClassVar[str] = "mla"
-
-    def cached_floats(self, geom: "CacheGeometry") -> int:
-        return self.kv_rank + self.rope_dims + (geom.n_kv_heads if geom.k_norm else 0)
-
-
-@dataclass(frozen=True)
-class StreamingSpec:
-    """Attention sinks + a recent window (LightTransfer / StreamingLLM): K/V of the first
-    ``sink`` and the last ``window`` tokens only. Planned by ``kvx profile``; the runtime
-    that converts to it is not built yet."""
-
-    sink: int = 4
-    window: int = 1020
-    kind: ClassVar[str] = "streaming"
-
-    def cached_floats(self, geom: "CacheGeometry") -> int:
-        return 2 * geom.n_kv_heads * geom.head_dim
-
-    def cached_tokens(self, n_tokens: int) -> int:
-        return min(n_tokens, self.sink + self.window)
-
-
-LayerSpec = Union[FullSpec, MLASpec, StreamingSpec]
-SPEC_TYPES: dict[str, type] = {"full": FullSpec, "mla": MLASpec, "streaming": StreamingSpec}
-
-
-@dataclass(frozen=True)
-class CacheGeometry:
-    """What the base architecture fixes about the cache (from the arch adapter)."""
-
-    n_kv_heads: int
-    head_dim: int
-    k_norm: bool = False
-    sliding_window: int | None = None
-    layer_types: tuple[str, ...] = ()
-
-
-def spec_to_dict(spec: LayerSpec) -> dict:
-    return {"kind": spec.kind, **asdict(spec)}
+spec_to_dict = kvx_specs.spec_to_dict
 
 
 def spec_from_dict(d: dict) -> LayerSpec:
-    d = dict(d)
-    kind = d.pop("kind", None)
-    d.pop("absorb", None)  # runtime-only switch
-    if kind not in SPEC_TYPES:
-        raise KvxError(f"unknown layer spec kind {kind!r} (known: {', '.join(SPEC_TYPES)})")
     try:
-        return SPEC_TYPES[kind](**d)
-    except TypeError as e:
-        raise KvxError(f"bad {kind} spec {d}: {e}") from None
+        return kvx_specs.spec_from_dict(d)
+    except kvx_specs.SpecError as e:
+        raise KvxError(str(e)) from None
+
+
+# --------------------------------------------------------------------------- specs as text
+
+_SPEC_TEXT = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:\((.*)\))?\s*$")
+
+
+def _value(text: str):
+    text = text.strip().strip("'\"")
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"none": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_spec(text: str) -> tuple[str, dict]:
+    """``"mla(kv_rank=60, rope_dims=36)"`` -> ``("mla", {"kv_rank": 60, "rope_dims": 36})``; ``"mla"`` -> no args."""
+    m = _SPEC_TEXT.match(text or "")
+    if not m:
+        raise KvxError(f"bad spec {text!r}: write it as KIND or KIND(name=value, ...), e.g. 'mla(kv_rank=60, rope_dims=36)'")
+    args = {}
+    for part in filter(str.strip, (m.group(2) or "").split(",")):
+        if "=" not in part:
+            raise KvxError(f"bad spec {text!r}: {part.strip()!r} is not name=value")
+        name, value = part.split("=", 1)
+        args[name.strip()] = _value(value)
+    return m.group(1), args
+
+
+def _shown(spec) -> list[tuple[str, object]]:
+    """Fields a spec string shows: those without a default, and the others where they differ from it."""
+    out = []
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if f.default is MISSING or value != f.default or f.name in getattr(spec, "always_shown", ()):
+            out.append((f.name, value))
+    return out
+
+
+def spec_string(spec) -> str:
+    """The spec as ``parse_spec`` reads it back."""
+    shown = _shown(spec)
+    return spec.kind + (f"({', '.join(f'{k}={v}' for k, v in shown)})" if shown else "")
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """``None``/``all`` -> every layer; ``0,2,5-9`` -> those layers (negative counts from the end)."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                out.update(range(int(lo), int(hi) + 1))
+            else:
+                i = int(part)
+                out.add(i + n_layers if i < 0 else i)
+    except ValueError:
+        raise KvxError(f"bad --layers {spec!r}: use e.g. '0,2,5-9' or 'all'") from None
+    bad = sorted(i for i in out if not 0 <= i < n_layers)
+    if bad or not out:
+        raise KvxError(f"--layers {spec!r} names layers outside 0..{n_layers - 1}")
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- the plan
 
 
 @dataclass
@@ -149,11 +157,14 @@ class Plan:
             return cls.all_full(config.num_hidden_layers, getattr(config, "_name_or_path", None))
         return cls.from_dict({k: v for k, v in meta.items() if k != "k_norm_eps"})
 
+    def kinds(self) -> set[str]:
+        return {s.kind for s in self.layers}
+
     def layer_kv_bytes(self, geom: CacheGeometry, n_tokens: int, dtype_bytes: int) -> list[int]:
         """Bytes each layer's cache holds after ``n_tokens`` tokens (batch 1), sliding windows included."""
         out = []
         for i, spec in enumerate(self.layers):
-            kept = spec.cached_tokens(n_tokens) if isinstance(spec, StreamingSpec) else n_tokens
+            kept = spec.cached_tokens(n_tokens)
             if geom.layer_types and geom.layer_types[i] == "sliding_attention" and geom.sliding_window:
                 kept = min(kept, geom.sliding_window - 1)
             out.append(spec.cached_floats(geom) * kept * dtype_bytes)
@@ -164,20 +175,21 @@ class Plan:
         return sum(self.layer_kv_bytes(geom, n_tokens, dtype_bytes))
 
     def summary(self) -> str:
-        """``30 layers: 30 mla(kv_rank=60, rope_dims=36)``; uneven ranks show as a range."""
-        groups: dict[str, list[int]] = {}
+        """``30 layers: 30 mla(kv_rank=60, rope_dims=36)``. Layers alike but for their first
+        numeric field (uneven MLA ranks) are one group, shown with that field's range."""
+        groups: dict[tuple, list] = {}
         for s in self.layers:
-            if isinstance(s, MLASpec):
-                groups.setdefault(f"mla|{s.rope_dims}" + (f", layout={s.layout}" if s.layout != "kvx" else ""), []).append(s.kv_rank)
-            elif isinstance(s, StreamingSpec):
-                groups.setdefault(f"streaming(sink={s.sink}, window={s.window})", []).append(0)
-            else:
-                groups.setdefault(s.kind, []).append(0)
+            shown = _shown(s)
+            vary = next((i for i, (_, v) in enumerate(shown) if isinstance(v, int) and not isinstance(v, bool)), None)
+            key = (s.kind, vary, tuple(kv for i, kv in enumerate(shown) if i != vary))
+            groups.setdefault(key, []).append(shown)
         parts = []
-        for key, ranks in groups.items():
-            if key.startswith("mla|"):
-                lo, hi = min(ranks), max(ranks)
-                rank = str(lo) if lo == hi else f"{lo}..{hi}"
-                key = f"mla(kv_rank={rank}, rope_dims={key[4:]})"
-            parts.append(f"{len(ranks)} {key}")
+        for (kind, vary, _), members in groups.items():
+            shown = list(members[0])
+            if vary is not None:
+                values = [m[vary][1] for m in members]
+                lo, hi = min(values), max(values)
+                shown[vary] = (shown[vary][0], lo if lo == hi else f"{lo}..{hi}")
+            text = kind + (f"({', '.join(f'{k}={v}' for k, v in shown)})" if shown else "")
+            parts.append(f"{len(members)} {text}")
         return f"{len(self.layers)} layers: " + ", ".join(parts)

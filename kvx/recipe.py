@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,83 +20,27 @@ from typing import Callable
 
 import yaml
 
+from .config import accepts, type_name
+from .convert.config import ConvertConfig
+from .distill.config import DistillConfig
 from .errors import KvxError
+from .eval.config import EvalConfig
 from .loading import DEFAULT_MODEL
-
-
-@dataclass(frozen=True)
-class ProfileStage:
-    """``kvx profile``; with ``convert.plan: profile`` its suggested plan is what gets converted."""
-
-    tokens: int = 8192
-    seq_len: int = 1024
-    target_kv_ratio: float = 4.0
-    rope_dims: int | None = None
-    streaming: bool = False
-    lazy_threshold: float = 0.9  # a layer this lazy (or lazier) may become streaming
-    sink: int = 4
-    window: int | None = None
-
-
-@dataclass(frozen=True)
-class ConvertStage:
-    """``kvx convert``. ``plan``: a plan file, or ``profile`` for the profile stage's suggestion."""
-
-    to: str = "mla"
-    kv_rank: int | str = "full"
-    rope_dims: int | str = "all"
-    rope_select: str | None = None
-    layout: str = "kvx"
-    layers: str | None = None
-    plan: str | None = None
-    calib: str = "bundled"
-    calib_tokens: int = 16384
-    sink: int = 4
-    window: int = 1020
-
-
-@dataclass(frozen=True)
-class DistillStage:
-    """``kvx distill`` (the teacher defaults to the recipe's model)."""
-
-    tokens: int = 262_144
-    data: str = "bundled"
-    seq_len: int = 256
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    temperature: float = 1.0
-    loss: str = "kl"
-    train: str = "converted"
-    eval_every: int = 0
-    save_every: int = 16
-    mixed_precision: str = "no"
-    lora_rank: int = 8
-    seed: int = 0
-    teacher: str | None = None
-
-
-@dataclass(frozen=True)
-class EvalStage:
-    """``kvx eval`` of the original, the converted and the healed model on the same windows."""
-
-    data: str = "bundled"
-    max_tokens: int = 8192
-    seq_len: int = 512
-    long: list[int] | None = None
-    long_tail: int = 1024
-    long_docs: int = 4
+from .profile.config import ProfileConfig
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A model and the stages' own configs (``convert.plan: profile`` converts the profile's plan;
+    ``distill.teacher`` defaults to the recipe's model)."""
+
     name: str
     model: str = DEFAULT_MODEL
     description: str = ""
-    profile: ProfileStage | None = None
-    convert: ConvertStage = field(default_factory=ConvertStage)
-    distill: DistillStage | None = None
-    eval: EvalStage = field(default_factory=EvalStage)
+    profile: ProfileConfig | None = None
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    distill: DistillConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,31 +49,12 @@ class Recipe:
 # --------------------------------------------------------------------------- strict parsing
 
 
-def _accepts(hint, value) -> bool:
-    """Does ``value`` (parsed YAML) fit the type ``hint`` of a recipe field?"""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(h, value) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_accepts(item, v) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
 def _build(cls, data, where: str):
     """``cls(**data)`` with every key known and every value of the declared type."""
     if not isinstance(data, dict):
         raise KvxError(f"{where}: expected a mapping, got {type(data).__name__}")
+    if hasattr(cls, "from_mapping"):  # a config with keys of its own beyond its fields
+        return cls.from_mapping(data, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
@@ -142,8 +66,8 @@ def _build(cls, data, where: str):
         stage = next((h for h in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(h)), None)
         if stage is not None and value is not None:
             kwargs[key] = _build(stage, value, f"{where}.{key}")
-        elif not _accepts(hint, value):
-            raise KvxError(f"{where}.{key}: {value!r} is not {_type_name(hint)}")
+        elif not accepts(hint, value):
+            raise KvxError(f"{where}.{key}: {value!r} is not {type_name(hint)}")
         else:
             kwargs[key] = value
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING
@@ -155,13 +79,13 @@ def _build(cls, data, where: str):
 
 def _check(recipe: Recipe, where: str) -> None:
     """What the types cannot say: stage combinations and choices."""
-    c = recipe.convert
-    if c.to not in ("mla", "streaming"):
-        raise KvxError(f"{where}.convert.to: {c.to!r} (choose mla or streaming)")
-    if c.plan == "profile" and recipe.profile is None:
+    if recipe.convert.plan == "profile" and recipe.profile is None:
         raise KvxError(f"{where}: convert.plan is 'profile' but the recipe has no profile stage")
-    if recipe.distill is not None and recipe.distill.tokens < recipe.distill.batch_size * recipe.distill.seq_len:
-        raise KvxError(f"{where}.distill.tokens: fewer than one batch ({recipe.distill.batch_size} x {recipe.distill.seq_len})")
+    if recipe.distill is not None:
+        try:
+            recipe.distill.check()
+        except KvxError as e:
+            raise KvxError(f"{where}.distill: {e}") from None
 
 
 def builtin_dir() -> Path:
@@ -205,7 +129,10 @@ def _stage(name: str, done: bool, say: Callable[[str], None]) -> bool:
 
 def run_recipe(recipe: Recipe, out: str | Path, progress=None, say: Callable[[str], None] = print, overwrite: bool = False) -> dict:
     """Run every stage of ``recipe`` into ``out``, skipping finished ones; returns eval.json's content."""
-    from . import pipeline
+    from .convert.run import convert
+    from .distill.run import distill
+    from .eval.run import evaluate
+    from .profile.run import profile
 
     kw = {"progress": progress} if progress else {}
     out = Path(out)
@@ -219,24 +146,14 @@ def run_recipe(recipe: Recipe, out: str | Path, progress=None, say: Callable[[st
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(recipe.to_dict(), indent=2))
 
-    p = recipe.profile
-    if p is not None and _stage("profile", (out / "profile" / "report.json").exists(), say):
-        pipeline.profile(
-            recipe.model, out / "profile", tokens=p.tokens, seq_len=p.seq_len, target_kv_ratio=p.target_kv_ratio,
-            rope_dims=p.rope_dims, streaming=p.streaming, lazy_threshold=p.lazy_threshold, sink=p.sink, window=p.window,
-            overwrite=True, **kw,
-        )
+    if recipe.profile is not None and _stage("profile", (out / "profile" / "report.json").exists(), say):
+        profile(recipe.model, out / "profile", recipe.profile, overwrite=True, **kw)
 
     c, converted = recipe.convert, out / "converted"
     if _stage("convert", (converted / "config.json").exists(), say):
-        plan = str(out / "profile" / "plan.yaml") if c.plan == "profile" else c.plan
-        if c.to == "streaming" and plan is None:
-            pipeline.convert_to_streaming(recipe.model, converted, c.layers or "auto", c.sink, c.window, overwrite=True, **kw)
-        else:
-            pipeline.convert_to_mla(
-                recipe.model, converted, kv_rank=c.kv_rank, rope_dims=c.rope_dims, rope_select=c.rope_select,
-                layout=c.layout, layers=c.layers, plan=plan, calib=c.calib, calib_tokens=c.calib_tokens, overwrite=True, **kw,
-            )
+        if c.plan == "profile":
+            c = dataclasses.replace(c, plan=str(out / "profile" / "plan.yaml"))
+        convert(recipe.model, converted, c, overwrite=True, **kw)
 
     final, d = converted, recipe.distill
     if d is not None:
@@ -245,19 +162,15 @@ def run_recipe(recipe: Recipe, out: str | Path, progress=None, say: Callable[[st
             resume = (final / "checkpoints").is_dir() and any((final / "checkpoints").glob("step-*/trainer_state.json"))
             if resume:
                 say("[distill] continuing from its last checkpoint")
-            pipeline.distill(
-                str(converted), final, teacher=d.teacher or recipe.model, data=d.data, tokens=d.tokens, seq_len=d.seq_len,
-                batch_size=d.batch_size, grad_accum=d.grad_accum, lr=d.lr, temperature=d.temperature, loss=d.loss,
-                train=d.train, eval_every=d.eval_every, save_every=d.save_every, mixed_precision=d.mixed_precision,
-                lora_rank=d.lora_rank, seed=d.seed, resume=resume, overwrite=not resume, **kw,
-            )
+            d = dataclasses.replace(d, teacher=d.teacher or recipe.model)
+            distill(str(converted), final, d, resume=resume, overwrite=not resume, **kw)
 
     e, eval_path = recipe.eval, out / "eval.json"
     if _stage("eval", eval_path.exists(), say):
         rows = {}
         models = [("original", recipe.model), ("converted", str(converted))] + ([("healed", str(final))] if d else [])
         for label, ref in models:
-            result = pipeline.evaluate(ref, None, e.data, e.max_tokens, e.seq_len, e.long, e.long_tail, e.long_docs, **kw)
+            result = evaluate(ref, None, e, **kw)
             rows[label] = {**result["model"], "name": ref}
         tmp = eval_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"recipe": recipe.name, "data": e.data, "rows": rows}, indent=2))

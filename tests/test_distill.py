@@ -17,7 +17,8 @@ import kvx
 from kvx.data import token_windows
 from kvx.distill import kl_loss
 from kvx.errors import KvxError
-from kvx.pipeline import convert_to_mla, distill
+from kvx.convert import convert
+from kvx.distill import distill
 
 TRAIN = dict(seq_len=64, batch_size=4, lr=3e-3)
 
@@ -26,7 +27,7 @@ TRAIN = dict(seq_len=64, batch_size=4, lr=3e-3)
 def student(tiny_dir, tmp_path):
     src = tiny_dir("llama")
     out = tmp_path / "mla"
-    convert_to_mla(str(src), out, kv_rank=4, rope_dims=4, rope_select="high", calib_tokens=1024, calib_seq_len=128)
+    convert(str(src), out, kv_rank=4, rope_dims=4, rope_select="high", calib_tokens=1024, calib_seq_len=128)
     return src, out
 
 

@@ -13,8 +13,8 @@ import kvx
 from kvx.errors import KvxError
 from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.export import export_checkpoint
-from kvx.modeling.modeling_kvx import cache_kwargs
-from kvx.pipeline import convert_to_mla
+from kvx.modeling.kvx_common import cache_kwargs
+from kvx.convert import convert
 
 from .conftest import tiny_model
 from .test_mla import SMALL, _ids
@@ -51,7 +51,7 @@ def _prefill_and_decode(model, cache, ids, steps=4):
 def test_shared_rope_key_is_lossless_with_one_kv_head(family, tmp_path, tokenizer):
     """With one KV head the shared key is that head's key: full rank, all pairs, exact."""
     base = _save_tiny(tmp_path / "src", family, tokenizer, n_kv=1)
-    convert_to_mla(str(tmp_path / "src"), tmp_path / "mla", kv_rank="full", rope_dims="all", layout="shared", **SMALL)
+    convert(str(tmp_path / "src"), tmp_path / "mla", kv_rank="full", rope_dims="all", layout="shared", **SMALL)
     conv = kvx.load(str(tmp_path / "mla"))
     ids = _ids(tokenizer)
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_deepseek_export_matches_kvx_runtime(family, select, tmp_path, tokenizer
     prefill and cached decoding, with GQA heads, biases (Qwen2) and a strided RoPE set."""
     _save_tiny(tmp_path / "src", family, tokenizer)
     out = tmp_path / "mla"
-    result = convert_to_mla(
+    result = convert(
         str(tmp_path / "src"), out, kv_rank=24, rope_dims=8, rope_select=select, export="deepseek", **SMALL
     )
     assert result["deepseek"] == str(tmp_path / "mla-deepseek")
@@ -98,7 +98,7 @@ def test_deepseek_export_matches_kvx_runtime(family, select, tmp_path, tokenizer
 def test_deepseek_export_of_smollm2(smollm2_dir, tmp_path, tokenizer):
     """The real model: kvx checkpoint -> `kvx export --format deepseek` -> same logits."""
     out = tmp_path / "ds"
-    convert_to_mla(smollm2_dir, out, kv_rank=80, rope_dims=16, layout="deepseek", calib_tokens=512, calib_seq_len=128)
+    convert(smollm2_dir, out, kv_rank=80, rope_dims=16, layout="deepseek", calib_tokens=512, calib_seq_len=128)
     path = export_checkpoint(str(out), "deepseek")
     native = AutoModelForCausalLM.from_pretrained(path).eval()
     conv = kvx.load(str(out))
@@ -111,20 +111,20 @@ def test_deepseek_export_of_smollm2(smollm2_dir, tmp_path, tokenizer):
 
 def test_deepseek_export_refusals(tiny_dir, tmp_path):
     src = str(tiny_dir("llama"))
-    convert_to_mla(src, tmp_path / "kvx", kv_rank=24, rope_dims=8, **SMALL)
+    convert(src, tmp_path / "kvx", kv_rank=24, rope_dims=8, **SMALL)
     with pytest.raises(KvxError, match="deepseek layout"):
         export_checkpoint(str(tmp_path / "kvx"), "deepseek")
     with pytest.raises(KvxError, match="available: deepseek"):
         export_checkpoint(str(tmp_path / "kvx"), "onnx")
     with pytest.raises(KvxError, match="deepseek layout"):  # refused before any work: one layer stays full
-        convert_to_mla(src, tmp_path / "part", kv_rank=24, rope_dims=8, layers="0-1", export="deepseek", **SMALL)
+        convert(src, tmp_path / "part", kv_rank=24, rope_dims=8, layers="0-1", export="deepseek", **SMALL)
     assert not (tmp_path / "part").exists()
     with pytest.raises(KvxError, match="shared RoPE key"):
-        convert_to_mla(src, tmp_path / "x", kv_rank=24, rope_dims=8, rope_select="2norm", layout="deepseek", **SMALL)
+        convert(src, tmp_path / "x", kv_rank=24, rope_dims=8, rope_select="2norm", layout="deepseek", **SMALL)
     with pytest.raises(KvxError, match="even size"):
-        convert_to_mla(src, tmp_path / "x", kv_rank=24, rope_dims=7, layout="deepseek", **SMALL)
+        convert(src, tmp_path / "x", kv_rank=24, rope_dims=7, layout="deepseek", **SMALL)
     with pytest.raises(KvxError, match="keys per head"):
-        convert_to_mla(str(tiny_dir("qwen3")), tmp_path / "x", kv_rank=24, rope_dims=8, layout="deepseek", **SMALL)
+        convert(str(tiny_dir("qwen3")), tmp_path / "x", kv_rank=24, rope_dims=8, layout="deepseek", **SMALL)
 
 
 def test_deepseek_export_refuses_rope_scaling(tmp_path, tokenizer):
@@ -137,7 +137,7 @@ def test_deepseek_export_refuses_rope_scaling(tmp_path, tokenizer):
     model.save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
     with pytest.raises(KvxError, match="RoPE scaling 'llama3'"):
-        convert_to_mla(str(tmp_path / "src"), tmp_path / "x", kv_rank=24, rope_dims=8, export="deepseek", **SMALL)
+        convert(str(tmp_path / "src"), tmp_path / "x", kv_rank=24, rope_dims=8, export="deepseek", **SMALL)
     assert not (tmp_path / "x").exists()
     # kvx's own runtime takes any RoPE: the same conversion without the export works
-    convert_to_mla(str(tmp_path / "src"), tmp_path / "y", kv_rank=24, rope_dims=8, layout="shared", **SMALL)
+    convert(str(tmp_path / "src"), tmp_path / "y", kv_rank=24, rope_dims=8, layout="shared", **SMALL)

@@ -11,8 +11,9 @@ import kvx
 from kvx.arch import get_adapter
 from kvx.data import token_windows
 from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
-from kvx.modeling.modeling_kvx import MLAAttention, MLACacheLayer, MLASlidingCacheLayer, cache_kwargs, output_cache
-from kvx.pipeline import convert_to_mla
+from kvx.modeling.kvx_common import cache_kwargs, output_cache
+from kvx.modeling.kvx_mla import MLAAttention, MLACacheLayer, MLASlidingCacheLayer
+from kvx.convert import convert
 from kvx.plan import FullSpec, MLASpec, Plan
 
 from .conftest import FAMILIES
@@ -50,7 +51,7 @@ def test_full_rank_all_rope_is_lossless(family, tiny_dir, tmp_path, tokenizer):
     src = tiny_dir(family)
     base = AutoModelForCausalLM.from_pretrained(src).eval()
     out = tmp_path / "mla"
-    convert_to_mla(str(src), out, kv_rank="full", rope_dims="all", **SMALL)
+    convert(str(src), out, kv_rank="full", rope_dims="all", **SMALL)
     conv = kvx.load(str(out))
     assert all(isinstance(layer.self_attn, MLAAttention) for layer in conv.model.layers)
     ids = _ids(tokenizer)
@@ -72,7 +73,7 @@ def test_partial_rope_equals_base_without_rope_on_dropped_pairs(family, select, 
     a = get_adapter(base.config)
     m = a.head_dim // 4
     out = tmp_path / "mla"
-    convert_to_mla(str(src), out, kv_rank="full", rope_dims=2 * m * a.n_kv_heads, rope_select=select, **SMALL)
+    convert(str(src), out, kv_rank="full", rope_dims=2 * m * a.n_kv_heads, rope_select=select, **SMALL)
     conv = kvx.load(str(out))
     kept = conv.model.layers[0].self_attn.rope_pairs[0]
     dropped = torch.ones(a.head_dim // 2, dtype=torch.bool)
@@ -93,7 +94,7 @@ def test_partial_rope_equals_base_without_rope_on_dropped_pairs(family, select, 
 def test_weights_only_full_rank_is_lossless(family, tiny_dir, tmp_path, tokenizer):
     src = tiny_dir(family)
     out = tmp_path / "mla"
-    convert_to_mla(str(src), out, kv_rank="full", rope_dims="all", calib="none")
+    convert(str(src), out, kv_rank="full", rope_dims="all", calib="none")
     base = AutoModelForCausalLM.from_pretrained(src).eval()
     conv = kvx.load(str(out))
     assert Plan.from_config(conv.config).layers[0].rope_select == "high"
@@ -109,7 +110,7 @@ def test_low_rank_cache_holds_only_latent_and_rope_key(family, tiny_dir, tmp_pat
     a = get_adapter(base.config)
     rope_dims, kv_rank = 2 * a.n_kv_heads * 2, 8  # two pairs per KV head, latent of 8
     out = tmp_path / "mla"
-    convert_to_mla(str(src), out, kv_rank=kv_rank, rope_dims=rope_dims, **SMALL)
+    convert(str(src), out, kv_rank=kv_rank, rope_dims=rope_dims, **SMALL)
     conv = kvx.load(str(out))
     ids = _ids(tokenizer, n=40, batch=1)  # longer than gemma3's local window (16)
     cache = new_cache(conv)
@@ -137,7 +138,7 @@ def test_low_rank_cache_holds_only_latent_and_rope_key(family, tiny_dir, tmp_pat
 def test_hybrid_plan_is_lossless_and_sized_by_spec(family, tiny_dir, tmp_path, tokenizer):
     src = tiny_dir(family)
     out = tmp_path / "hybrid"
-    convert_to_mla(str(src), out, kv_rank="full", rope_dims="all", layers="1", **SMALL)
+    convert(str(src), out, kv_rank="full", rope_dims="all", layers="1", **SMALL)
     base = AutoModelForCausalLM.from_pretrained(src).eval()
     conv = kvx.load(str(out))
     plan = Plan.from_config(conv.config)
@@ -152,7 +153,7 @@ def test_hybrid_plan_is_lossless_and_sized_by_spec(family, tiny_dir, tmp_path, t
 def test_generate_uses_the_latent_cache(tiny_dir, tmp_path, tokenizer):
     src = tiny_dir("qwen3")
     out = tmp_path / "mla"
-    convert_to_mla(str(src), out, kv_rank=8, rope_dims=8, **SMALL)
+    convert(str(src), out, kv_rank=8, rope_dims=8, **SMALL)
     conv = kvx.load(str(out))
     ids = _ids(tokenizer, n=12, batch=1)
     res = conv.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
@@ -162,7 +163,7 @@ def test_generate_uses_the_latent_cache(tiny_dir, tmp_path, tokenizer):
 
 
 def test_2norm_selection_is_per_kv_head():
-    from kvx.convert.mla import select_pairs
+    from kvx.methods.mla.maths import select_pairs
 
     score = torch.zeros(2, 8)
     score[0, [1, 6]] = 5.0  # KV head 0 leans on pairs 1 and 6

@@ -7,7 +7,7 @@ import pytest
 from kvx.data import load_text, token_windows
 from kvx.errors import KvxError
 from kvx.loading import resolve
-from kvx.pipeline import parse_layers
+from kvx.plan import parse_layers
 from kvx.plan import CacheGeometry, FullSpec, MLASpec, Plan
 
 

@@ -12,10 +12,11 @@ from transformers import AutoModelForCausalLM
 
 import kvx
 from kvx.arch import get_adapter
-from kvx.convert.mla import output_spectrum
+from kvx.methods.mla.maths import output_spectrum
 from kvx.errors import KvxError
 from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec
-from kvx.pipeline import convert_to_mla, profile
+from kvx.convert import convert
+from kvx.profile import profile
 from kvx.plan import MLASpec, Plan
 from kvx.profile.collect import cross_scale_similarity
 from kvx.profile.metrics import attention_chunks, energy_ranks, lazy_mass, topk_recall
@@ -135,7 +136,7 @@ def test_profile_writes_everything_and_its_plan_converts(tiny_dir, tmp_path):
     assert plan.layers == Plan.from_dict(report["suggested_plan"]).layers
 
     conv_out = tmp_path / "conv"
-    convert_to_mla(str(src), conv_out, plan=out / "plan.yaml", calib_tokens=1024, calib_seq_len=128)
+    convert(str(src), conv_out, plan=out / "plan.yaml", calib_tokens=1024, calib_seq_len=128)
     conv = kvx.load(str(conv_out))
     assert Plan.from_config(conv.config).layers == plan.layers
     ids = torch.randint(0, 1000, (1, 128))
@@ -169,7 +170,7 @@ def test_streaming_plan_from_profile_converts(tiny_dir, tmp_path):
     assert kinds.count("streaming") == 1  # at most half of 3 layers, the laziest
     laziest = max(range(3), key=lambda i: report["layers"][i]["lazy_ratio"])
     assert kinds[laziest] == "streaming"
-    convert_to_mla(str(src), tmp_path / "out", plan=tmp_path / "prof" / "plan.yaml", calib_tokens=1024, calib_seq_len=128)
+    convert(str(src), tmp_path / "out", plan=tmp_path / "prof" / "plan.yaml", calib_tokens=1024, calib_seq_len=128)
     assert Plan.from_config(kvx.load(str(tmp_path / "out")).config).layers == Plan.load(tmp_path / "prof" / "plan.yaml").layers
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from kvx.errors import KvxError
 from kvx.hub import execute, upload_plan
-from kvx.pipeline import convert_to_mla
+from kvx.convert import convert
 
 from .test_mla import SMALL
 
@@ -18,7 +18,7 @@ from .test_mla import SMALL
 def run_dir(tiny_dir, tmp_path):
     """A converted tiny model laid out like `kvx run` leaves it (eval.json beside the checkpoint)."""
     ckpt = tmp_path / "run" / "converted"
-    convert_to_mla(str(tiny_dir("llama")), ckpt, kv_rank=24, rope_dims=8, **SMALL)
+    convert(str(tiny_dir("llama")), ckpt, kv_rank=24, rope_dims=8, **SMALL)
     rows = {"original": {"ppl": 10.0, "kv_bytes_per_token": 1536.0}, "converted": {"ppl": 12.5, "kv_bytes_per_token": 384.0}}
     (tmp_path / "run" / "eval.json").write_text(json.dumps({"recipe": "t", "data": "bundled", "rows": rows}))
     (ckpt / "checkpoints" / "step-1").mkdir(parents=True)  # training state: stays local

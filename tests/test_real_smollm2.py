@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import kvx
 from kvx.data import token_windows
 from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec
-from kvx.pipeline import convert_to_mla
+from kvx.convert import convert
 
 from .helpers import reload_without_kvx
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.real, pytest.mark.runtime]
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, smollm2_dir):
     out = tmp_path_factory.mktemp("smol") / "mla-full"
-    convert_to_mla("smollm2-135m", out, kv_rank="full", rope_dims="all", calib_tokens=2048, calib_seq_len=256)
+    convert("smollm2-135m", out, kv_rank="full", rope_dims="all", calib_tokens=2048, calib_seq_len=256)
     return out
 
 

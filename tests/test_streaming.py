@@ -10,8 +10,12 @@ from transformers import AutoModelForCausalLM
 import kvx
 from kvx.errors import KvxError
 from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
-from kvx.modeling.modeling_kvx import MLAAttention, StreamingAttention, StreamingCacheLayer, cache_kwargs, output_cache
-from kvx.pipeline import choose_streaming_layers, convert_to_mla, convert_to_streaming
+from kvx.modeling.kvx_common import cache_kwargs, output_cache
+from kvx.modeling.kvx_mla import MLAAttention
+from kvx.modeling.kvx_streaming import StreamingAttention, StreamingCacheLayer
+from kvx.convert import convert
+from kvx.convert.config import layer_fraction, top_layers
+from kvx.methods import get_method
 from kvx.plan import FullSpec, MLASpec, Plan, StreamingSpec
 
 from .helpers import reload_without_kvx
@@ -24,7 +28,7 @@ def _reference_streaming(base, ids, sink, window, layers):
     """The base model with each streaming layer's attention restricted by an explicit mask:
     an independent implementation of the rule (keys j <= p with j < sink or j >= p - window)."""
     from kvx.arch import get_adapter
-    from kvx.modeling.modeling_kvx import project_qkv
+    from kvx.modeling.kvx_common import project_qkv
 
     a = get_adapter(base.config)
     t = ids.shape[-1]
@@ -62,7 +66,7 @@ def _reference_streaming(base, ids, sink, window, layers):
 def test_short_sequences_are_exact_and_long_ones_follow_the_window_rule(family, tiny_dir, tmp_path):
     src = tiny_dir(family)
     out = tmp_path / "stream"
-    convert_to_streaming(str(src), out, layers="0,2", sink=2, window=12)
+    convert(str(src), out, to="streaming", layers="0,2", sink=2, window=12)
     conv = kvx.load(str(out))
     base = AutoModelForCausalLM.from_pretrained(src).eval()
     assert isinstance(conv.model.layers[0].self_attn, StreamingAttention)
@@ -83,7 +87,7 @@ def test_short_sequences_are_exact_and_long_ones_follow_the_window_rule(family, 
 def test_cache_stops_growing_and_decoding_matches_prefill(tiny_dir, tmp_path):
     src = tiny_dir("llama")
     out = tmp_path / "stream"
-    convert_to_streaming(str(src), out, layers="1", sink=3, window=10)
+    convert(str(src), out, to="streaming", layers="1", sink=3, window=10)
     conv = kvx.load(str(out))
     ids = torch.randint(0, 1000, (1, 40))
     cache = new_cache(conv)
@@ -106,7 +110,7 @@ def test_hybrid_plan_converts_reloads_without_kvx_and_generates(tiny_dir, tmp_pa
     src = tiny_dir("qwen2")
     plan = Plan([MLASpec(16, 8, "high"), StreamingSpec(2, 8), FullSpec()])
     out = tmp_path / "hybrid"
-    convert_to_mla(str(src), out, plan=plan, calib_tokens=1024, calib_seq_len=128)
+    convert(str(src), out, plan=plan, calib_tokens=1024, calib_seq_len=128)
     conv = kvx.load(str(out))
     assert [type(layer.self_attn).__name__ for layer in conv.model.layers] == ["MLAAttention", "StreamingAttention", "Qwen2Attention"]
     ids = tokenizer("And it came to pass in those days, that there went out a decree", return_tensors="pt").input_ids
@@ -119,11 +123,15 @@ def test_hybrid_plan_converts_reloads_without_kvx_and_generates(tiny_dir, tmp_pa
 
 
 def test_auto_picks_the_laziest_layers(tiny_dir, tmp_path):
-    assert choose_streaming_layers("auto", [0.1, 0.9, 0.5, 0.95], 4) == [1, 3]
-    assert choose_streaming_layers("0.25", [0.1, 0.9, 0.5, 0.95], 4) == [3]
-    assert choose_streaming_layers("0,2", None, 4) == [0, 2]
+    streaming = get_method("streaming")
+    assert layer_fraction("auto", streaming) == layer_fraction(None, streaming) == 0.5
+    assert layer_fraction("0,2", streaming) is None and layer_fraction("0.25", streaming) == 0.25
+    assert top_layers([0.1, 0.9, 0.5, 0.95], 0.5) == [1, 3]
+    assert top_layers([0.1, 0.9, 0.5, 0.95], 0.25) == [3]
+    with pytest.raises(KvxError, match="no layer score"):
+        layer_fraction("auto", get_method("mla"))
     out = tmp_path / "auto"
-    convert_to_streaming(str(tiny_dir("llama")), out, layers="auto", sink=2, window=30)
+    convert(str(tiny_dir("llama")), out, to="streaming", layers="auto", sink=2, window=30)
     plan = Plan.from_config(kvx.load(str(out)).config)
     lazy = plan.meta["lazy_ratio"]
     streaming = [i for i, s in enumerate(plan.layers) if isinstance(s, StreamingSpec)]
@@ -132,22 +140,22 @@ def test_auto_picks_the_laziest_layers(tiny_dir, tmp_path):
 
 def test_streaming_refused_on_local_window_layers(tiny_dir, tmp_path):
     with pytest.raises(KvxError, match="already attends to a local window"):
-        convert_to_streaming(str(tiny_dir("gemma3")), tmp_path / "out", layers="0", sink=2, window=8)
+        convert(str(tiny_dir("gemma3")), tmp_path / "out", to="streaming", layers="0", sink=2, window=8)
     assert not (tmp_path / "out").exists()
 
 
 def test_eval_long_context_reports_tail_perplexity_and_capped_cache(tiny_dir, tmp_path):
-    from kvx.pipeline import evaluate
+    from kvx.eval import evaluate
 
     src = tiny_dir("llama")
     out = tmp_path / "stream"
-    convert_to_streaming(str(src), out, layers="0,2", sink=2, window=12)
+    convert(str(src), out, to="streaming", layers="0,2", sink=2, window=12)
     docs = tmp_path / "docs"
     docs.mkdir()
     for i, word in enumerate(("alpha beta gamma delta ", "one two three four five ")):
         (docs / f"{i}.txt").write_text(word * 60)
     (docs / "short.txt").write_text("too short")
-    result = evaluate(str(out), str(src), str(docs), max_tokens=256, seq_len=64, long=[200], long_tail=50, long_docs=5)
+    result = evaluate(str(out), str(src), data=str(docs), max_tokens=256, seq_len=64, long=[200], long_tail=50, long_docs=5)
     row, base = result["model"]["long"]["200"], result["baseline"]["long"]["200"]
     assert row["docs"] == base["docs"] == 2 and row["tail"] == 50
     assert row["kv_bytes_per_token"] == row["kv_bytes_per_token_spec"]
@@ -157,16 +165,16 @@ def test_eval_long_context_reports_tail_perplexity_and_capped_cache(tiny_dir, tm
     assert result["long_context"]["200"]["kv_ratio"] == pytest.approx(base["kv_bytes_per_token"] / row["kv_bytes_per_token"])
     assert row["ppl_tail"] > 1 and base["ppl_tail"] > 1
     with pytest.raises(KvxError, match="has 510 tokens"):
-        evaluate(str(out), None, str(docs), max_tokens=256, seq_len=64, long=[510], long_tail=50)
+        evaluate(str(out), None, data=str(docs), max_tokens=256, seq_len=64, long=[510], long_tail=50)
     with pytest.raises(KvxError, match="exceeds"):
-        evaluate(str(out), None, str(docs), max_tokens=256, seq_len=64, long=[5000], long_tail=50)
+        evaluate(str(out), None, data=str(docs), max_tokens=256, seq_len=64, long=[5000], long_tail=50)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_native_sliding_export_matches_kvx_runtime(family, tiny_dir, tmp_path):
     src = tiny_dir(family)
     out = tmp_path / "stream"
-    result = convert_to_streaming(str(src), out, layers="0,2", sink=0, window=12, export="native")
+    result = convert(str(src), out, to="streaming", layers="0,2", sink=0, window=12, export="native")
     native = AutoModelForCausalLM.from_pretrained(result["native"]).eval()  # no remote code
     assert native.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
     conv = kvx.load(str(out))
@@ -178,7 +186,7 @@ def test_native_sliding_export_matches_kvx_runtime(family, tiny_dir, tmp_path):
 
 def test_native_export_refuses_what_it_cannot_express(tiny_dir, tmp_path):
     with pytest.raises(KvxError, match="no sinks"):
-        convert_to_streaming(str(tiny_dir("qwen3")), tmp_path / "a", layers="0", sink=4, window=12, export="native")
+        convert(str(tiny_dir("qwen3")), tmp_path / "a", to="streaming", layers="0", sink=4, window=12, export="native")
     with pytest.raises(KvxError, match="no native per-layer sliding-window config"):
-        convert_to_streaming(str(tiny_dir("llama")), tmp_path / "b", layers="0", sink=0, window=12, export="native")
+        convert(str(tiny_dir("llama")), tmp_path / "b", to="streaming", layers="0", sink=0, window=12, export="native")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

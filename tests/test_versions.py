@@ -22,8 +22,8 @@ from kvx.eval import evaluate_model
 from kvx.eval.kv import kv_bytes_per_token, new_cache
 from kvx.hub import model_card
 from kvx.loading import cache_root
-from kvx.modeling.modeling_kvx import cache_kwargs
-from kvx.pipeline import convert_to_mla
+from kvx.modeling.kvx_common import cache_kwargs
+from kvx.convert import convert
 from kvx.plan import FullSpec, MLASpec, Plan, StreamingSpec
 
 from .helpers import declared_transformers_range, reload_without_kvx
@@ -61,7 +61,7 @@ def hybrid(tmp_path_factory, tokenizer, tiny_dir_factory):
     """An MLA + streaming + full checkpoint of a tiny Qwen2 (biases), written by this kvx."""
     src = tiny_dir_factory("qwen2")
     out = tmp_path_factory.mktemp("versions") / "hybrid"
-    convert_to_mla(str(src), out, plan=HYBRID, calib_tokens=1024, calib_seq_len=128)
+    convert(str(src), out, plan=HYBRID, calib_tokens=1024, calib_seq_len=128)
     return out
 
 

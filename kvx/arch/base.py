@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..plan import CacheGeometry
+from ..modeling.kvx_specs import CacheGeometry
 
 
 @dataclass
@@ -84,17 +84,25 @@ class ArchAdapter:
     def attention(self, model: nn.Module, idx: int) -> nn.Module:
         return self.decoder_layers(model)[idx].self_attn
 
-    def attention_weights(self, attn: nn.Module) -> AttentionWeights:
-        def b(lin):
-            return None if lin.bias is None else lin.bias.detach().float()
+    def attention_prefix(self, idx: int) -> str:
+        """Where layer ``idx``'s attention tensors sit in the model's state dict."""
+        return f"model.layers.{idx}.self_attn."
+
+    def attention_state(self, model: nn.Module, idx: int) -> dict[str, torch.Tensor]:
+        """Layer ``idx``'s attention parameters and persistent buffers, by name inside the module,
+        floating ones as float32 (what a method's pure weight transform reads)."""
+        state = self.attention(model, idx).state_dict()
+        return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
+
+    def attention_weights(self, attn: nn.Module | dict) -> AttentionWeights:
+        """q/k/v weights and biases of an attention module (or of its ``attention_state``)."""
+        state = attn if isinstance(attn, dict) else attn.state_dict()
+
+        def t(name):
+            return None if name not in state else state[name].detach().float()
 
         return AttentionWeights(
-            attn.q_proj.weight.detach().float(),
-            attn.k_proj.weight.detach().float(),
-            attn.v_proj.weight.detach().float(),
-            b(attn.q_proj),
-            b(attn.k_proj),
-            b(attn.v_proj),
+            t("q_proj.weight"), t("k_proj.weight"), t("v_proj.weight"), t("q_proj.bias"), t("k_proj.bias"), t("v_proj.bias")
         )
 
     def lora_targets(self) -> list[str]:
@@ -113,7 +121,7 @@ class ArchAdapter:
 
         All supported families rotate with HF's ``rotate_half`` layout; one that does not
         overrides this."""
-        from ..modeling.modeling_kvx import project_qkv
+        from ..modeling.kvx_common import project_qkv
 
         return project_qkv(
             attn.q_proj, attn.k_proj, attn.v_proj, self.q_norm(attn), self.k_norm(attn), x, cos, sin,
@@ -135,8 +143,9 @@ class ArchAdapter:
         """The per-head key norm applied before RoPE, if the family has one."""
         return None
 
-    def k_norm_weight(self, attn: nn.Module) -> torch.Tensor | None:
-        """The effective per-dim gain of the per-head key RMS norm (None: no key norm)."""
+    def k_norm_weight(self, attn: nn.Module | dict) -> torch.Tensor | None:
+        """The effective per-dim gain of the per-head key RMS norm (None: no key norm), from the
+        module or its ``attention_state``."""
         return None
 
     def k_norm_eps(self) -> float | None:
@@ -173,7 +182,8 @@ class QKNormAdapter(ArchAdapter):
         return attn.k_norm
 
     def k_norm_weight(self, attn):
-        return attn.k_norm.weight.detach().float()
+        state = attn if isinstance(attn, dict) else attn.state_dict()
+        return state["k_norm.weight"].detach().float()
 
     def k_norm_eps(self) -> float:
         return float(self.config.rms_norm_eps)

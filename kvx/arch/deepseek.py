@@ -3,13 +3,16 @@ them, but it evaluates them, so their cache is described here as a plan of MLA l
 
 from __future__ import annotations
 
-from ..plan import CacheGeometry, MLASpec, Plan
+from ..modeling.kvx_specs import CacheGeometry, MLASpec
+from ..plan import Plan
 
 MODEL_TYPES = ("deepseek_v3",)
 
 
 def is_native_mla(config) -> bool:
-    return getattr(config, "model_type", None) in MODEL_TYPES
+    """A DeepSeek-V3 config (an object, or a ``config.json`` dict)."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return model_type in MODEL_TYPES
 
 
 def native_mla_plan(config) -> Plan:

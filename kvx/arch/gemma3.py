@@ -9,7 +9,7 @@ class Gemma3Adapter(QKNormAdapter):
 
     def k_norm_weight(self, attn):
         # Gemma3RMSNorm multiplies by (1 + weight), not by weight.
-        return 1.0 + attn.k_norm.weight.detach().float()
+        return 1.0 + super().k_norm_weight(attn)
 
     def check_supported(self) -> None:
         super().check_supported()

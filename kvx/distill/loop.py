@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,41 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import KvxError
 from ..eval.perplexity import perplexity
-from .losses import LOSSES, distill_loss
-
-CREATED_BY_CONVERSION = ("kv_a_proj", "kv_b_proj", "k_rope_proj", "kv_a_layernorm")
-
-
-@dataclass
-class DistillConfig:
-    tokens: int
-    seq_len: int = 256
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup: float = 0.05
-    temperature: float = 1.0
-    loss: str = "kl"
-    train: str = "converted"
-    eval_every: int = 0
-    save_every: int = 0
-    seed: int = 0
-    mixed_precision: str = "no"
-    lora_rank: int = 8
-
-    def check(self) -> None:
-        if self.loss not in LOSSES:
-            raise KvxError(f"unknown --loss {self.loss!r} (choose from {', '.join(LOSSES)})")
-        if self.train not in ("converted", "all", "lora"):
-            raise KvxError(f"unknown --train {self.train!r} (choose from converted, all, lora)")
-        if self.lora_rank < 1:
-            raise KvxError(f"--lora-rank {self.lora_rank} must be at least 1")
-        if self.tokens < self.batch_size * self.seq_len * self.grad_accum:
-            raise KvxError(
-                f"--tokens {self.tokens} is less than one optimizer step "
-                f"({self.batch_size} x {self.seq_len} tokens x {self.grad_accum} accumulation)"
-            )
-
+from .config import DistillConfig
+from .losses import distill_loss
 
 def with_lora(model, targets: list[str], rank: int):
     """Wrap ``model`` with peft LoRA adapters on ``targets`` (merged back at the end)."""
@@ -63,16 +30,23 @@ def with_lora(model, targets: list[str], rank: int):
     return get_peft_model(model, config)
 
 
-def select_trainable(model, mode: str) -> list[torch.nn.Parameter]:
-    """``converted``: only what the conversion created (MLA projections); ``all``: everything;
-    ``lora``: the LoRA adapters (already in ``model``) plus what the conversion created."""
-    lora = mode == "lora"
+def converted_parameter_names(model, plan, adapter) -> list[str]:
+    """Names of the parameters each layer's method says distillation trains (``Method.trainable``)."""
+    from ..methods import method_of
+
+    wanted = tuple(
+        f"{adapter.attention_prefix(i)}{module}." for i, spec in enumerate(plan.layers) for module in method_of(spec).trainable(spec)
+    )
+    # peft wraps the model (``base_model.model.`` in front), so a name contains the path rather than starts with it
+    return [n for n, _ in model.named_parameters() if any(w in n for w in wanted)]
+
+
+def select_trainable(model, mode: str, plan, adapter) -> list[torch.nn.Parameter]:
+    """``converted``: only what the conversion created (each method's ``trainable``); ``all``:
+    everything; ``lora``: the LoRA adapters (already in ``model``) plus what the conversion created."""
+    converted = set(converted_parameter_names(model, plan, adapter)) if mode in ("converted", "lora") else set()
     for name, p in model.named_parameters():
-        p.requires_grad_(mode == "all" or (lora and "lora_" in name))
-    if mode in ("converted", "lora"):
-        for name, p in model.named_parameters():
-            if any(f".{part}." in name for part in CREATED_BY_CONVERSION):
-                p.requires_grad_(True)
+        p.requires_grad_(mode == "all" or name in converted or (mode == "lora" and "lora_" in name))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise KvxError("nothing to train: the plan created no weights (streaming only?); use --train all or lora")
@@ -85,8 +59,8 @@ def _latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def run_distill(
-    student, teacher, windows, eval_windows, cfg: DistillConfig, out: Path, resume: bool = False, progress=None,
-    lora_targets: list[str] | None = None,
+    student, teacher, windows, eval_windows, cfg: DistillConfig, out: Path, plan, adapter, resume: bool = False,
+    progress=None,
 ) -> dict:
     """Train ``student`` towards ``teacher`` on ``windows`` ([n, seq_len]); logs and checkpoints in ``out``."""
     from accelerate import Accelerator
@@ -95,8 +69,8 @@ def run_distill(
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     if cfg.train == "lora":
-        student = with_lora(student, lora_targets, cfg.lora_rank)
-    params = select_trainable(student, cfg.train)
+        student = with_lora(student, adapter.lora_targets(), cfg.lora_rank)
+    params = select_trainable(student, cfg.train, plan, adapter)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     loader = DataLoader(TensorDataset(windows[order]), batch_size=cfg.batch_size, shuffle=False, drop_last=True)
@@ -181,4 +155,4 @@ def _save_state(accelerator, root: Path, step: int, cfg: DistillConfig) -> None:
     accelerator.wait_for_everyone()
 
 
-__all__ = ["DistillConfig", "run_distill", "select_trainable"]
+__all__ = ["converted_parameter_names", "run_distill", "select_trainable"]

@@ -50,4 +50,5 @@ def compare(model_row: dict, baseline_row: dict | None) -> dict:
     return out
 
 
-__all__ = ["compare", "evaluate_model", "long_context", "kv_bytes_per_token", "kv_bytes_per_token_spec", "perplexity"]
+__all__ = ["compare", "evaluate", "evaluate_model", "long_context", "kv_bytes_per_token", "kv_bytes_per_token_spec", "perplexity"]
+from .run import evaluate  # noqa: E402  (the stage entry point; needs the helpers above)

@@ -1,9 +1,5 @@
-"""Exports of kvx plans into formats serving engines already run, without kvx's runtime.
-
-``native``: full + sink-free streaming plans as transformers' own ``layer_types``.
-``deepseek``: all-MLA plans in the deepseek layout as ``DeepseekV3ForCausalLM`` (dense MLP in
-every layer, interleaved RoPE), which vLLM and SGLang serve with their MLA kernels.
-"""
+"""``deepseek``: all-MLA plans in the deepseek layout as ``DeepseekV3ForCausalLM`` (dense MLP in
+every layer, interleaved RoPE), which vLLM and SGLang serve with their MLA kernels."""
 
 from __future__ import annotations
 
@@ -11,56 +7,21 @@ from pathlib import Path
 
 import torch
 
-from .arch import ArchAdapter, get_adapter
-from .checkpoint import atomic_dir, check_output, save_checkpoint
-from .errors import KvxError
-from .loading import build_uninitialised, load_model
-from .plan import FullSpec, MLASpec, Plan, StreamingSpec
-
-
-def native_layer_types(plan: Plan) -> tuple[list[str], int]:
-    """A plan of full and sink-free streaming layers as transformers ``layer_types`` + window.
-
-    kvx's streaming query sees ``window + 1`` keys (itself included); transformers' sliding
-    window counts the query too, so the native window is ``window + 1``.
-    """
-    windows = set()
-    types = []
-    for i, spec in enumerate(plan.layers):
-        if isinstance(spec, StreamingSpec):
-            if spec.sink:
-                raise KvxError(f"layer {i} keeps {spec.sink} sink tokens: native sliding windows have no sinks (use --sink 0)")
-            windows.add(spec.window)
-            types.append("sliding_attention")
-        elif isinstance(spec, FullSpec):
-            types.append("full_attention")
-        else:
-            raise KvxError(f"layer {i} is {spec.kind}: only full and streaming layers export as native sliding windows")
-    if len(windows) != 1:
-        raise KvxError("native export needs at least one streaming layer and one window size for all of them")
-    return types, windows.pop() + 1
-
-
-def export_native(base_model, tokenizer, adapter: ArchAdapter, plan: Plan, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the base weights with a native config whose ``layer_types`` realise ``plan``."""
-    types, window = native_layer_types(plan)
-    config = adapter.native_sliding_config(types, window)
-    with atomic_dir(out, overwrite) as tmp:
-        original = base_model.config
-        base_model.config = config
-        try:
-            base_model.save_pretrained(tmp)
-        finally:
-            base_model.config = original
-        tokenizer.save_pretrained(tmp)
-    return Path(out)
+from ..arch import ArchAdapter, get_adapter
+from ..checkpoint import save_checkpoint
+from ..errors import KvxError
+from ..loading import build_uninitialised
+from ..plan import MLASpec, Plan
+from .base import Exporter
 
 
 def _deepseek_geometry(model) -> dict:
     """The one MLA shape every layer shares (the plan guarantees it) for a DeepSeek-V3 config."""
     config = model.config
-    check_deepseek_plan(Plan.from_config(config), get_adapter(config))
-    attn = model.model.layers[0].self_attn
+    adapter = get_adapter(config)
+    check_deepseek_plan(Plan.from_config(config), adapter)
+    layers = [adapter.attention(model, i) for i in range(adapter.n_layers)]
+    attn = layers[0]
     m, pairs = attn.m, attn.rope_pairs[0].tolist()
     stride = pairs[1] - pairs[0] if m > 1 else 1
     if pairs != [j * stride for j in range(m)]:
@@ -75,9 +36,8 @@ def _deepseek_geometry(model) -> dict:
         "head_dim": attn.head_dim,
         "bias": any(
             t is not None
-            for layer in model.model.layers
-            for t in (layer.self_attn.kv_b_proj.bias, layer.self_attn.o_proj.bias,
-                      layer.self_attn.k_rope_proj.bias)
+            for a in layers
+            for t in (a.kv_b_proj.bias, a.o_proj.bias, a.k_rope_proj.bias)
         ),
     }
 
@@ -178,13 +138,12 @@ def to_deepseek(model):
     config = deepseek_config(model, geom)
     ds = build_uninitialised(DeepseekV3ForCausalLM, config)
     ds.to(next(model.parameters()).dtype)
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".self_attn." not in key:
-            state[key] = value
-    for i, layer in enumerate(model.model.layers):
-        attn_state = deepseek_attention_state(layer.self_attn, ds.model.layers[i].self_attn.scaling, geom["bias"])
-        state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in attn_state.items()})
+    adapter = get_adapter(model.config)
+    prefixes = tuple(adapter.attention_prefix(i) for i in range(adapter.n_layers))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    for i, prefix in enumerate(prefixes):  # DeepSeek-V3 keeps the base layout: same module paths
+        attn_state = deepseek_attention_state(adapter.attention(model, i), adapter.attention(ds, i).scaling, geom["bias"])
+        state.update({prefix + k: v for k, v in attn_state.items()})
     result = ds.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or result.unexpected_keys:
@@ -207,23 +166,20 @@ def check_deepseek_plan(plan: Plan, adapter: ArchAdapter) -> None:
         )
 
 
-def export_deepseek(model, tokenizer, out: str | Path, source: str, overwrite: bool = False) -> Path:
-    """Write ``model`` (kvx, all-MLA deepseek layout) as a native DeepSeek-V3 checkpoint."""
-    from .hub import deepseek_card
-
-    ds = to_deepseek(model)
-    return save_checkpoint(ds, tokenizer, out, lambda _: deepseek_card(source, Plan.from_config(model.config), ds.config), overwrite)
 
 
-def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> Path:
-    """``kvx export SRC --format deepseek``: a kvx checkpoint re-laid out for serving engines (default OUT: SRC-deepseek)."""
-    if fmt != "deepseek":
-        raise KvxError(f"--format {fmt!r} is not available (available: deepseek)")
-    if not (Path(src) / "config.json").is_file():
-        raise KvxError(f"checkpoint folder not found: {src} (kvx export reads a local kvx checkpoint)")
-    out = Path(out) if out else Path(str(Path(src)).rstrip("/") + "-deepseek")
-    check_output(out, overwrite)
-    model, tokenizer, _ = load_model(src)
-    if not getattr(model.config, "kvx", None):
-        raise KvxError(f"{src} is not a kvx checkpoint: convert it first (kvx convert ... --to mla --layout deepseek)")
-    return export_deepseek(model, tokenizer, out, src, overwrite)
+class DeepseekExport(Exporter):
+    """All-MLA plans in the deepseek layout, as ``DeepseekV3ForCausalLM``."""
+
+    name = "deepseek"
+    spec_defaults = {"mla": {"layout": "deepseek"}}  # --export deepseek implies --layout deepseek
+
+    def check(self, plan: Plan, adapter: ArchAdapter) -> None:
+        check_deepseek_plan(plan, adapter)
+
+    def write(self, base, converted, tokenizer, adapter, plan, out: Path, source: str, overwrite: bool) -> Path:
+        from ..hub import deepseek_card
+
+        ds = to_deepseek(converted)
+        card = deepseek_card(source, Plan.from_config(converted.config), ds.config)
+        return save_checkpoint(ds, tokenizer, out, lambda _: card, overwrite)

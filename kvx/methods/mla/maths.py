@@ -24,24 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KvxError
+from ...calibration import LayerStats
+from ...errors import KvxError
 
 ROPE_SELECTIONS = ("2norm", "high", "low", "uniform")
 LAYOUTS = ("kvx", "shared", "deepseek")  # shared: one RoPE key for all heads; deepseek: + latent norm
 SHARED_ROPE_SELECTIONS = ("high", "uniform")  # frequency sets DeepSeek's RoPE can reproduce
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one attention layer's input (running sums, never activations)."""
-
-    xx: torch.Tensor  # sum of x x^T, [hidden, hidden], float64
-    n_tokens: int
-    pair_score: torch.Tensor | None  # sum over tokens of ||q_pair|| * ||k_pair||, [n_kv, head_dim/2]
-
-    @property
-    def covariance(self) -> torch.Tensor:
-        return self.xx / max(self.n_tokens, 1)
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""``kvx convert``'s config: the target spec, which layers get it, calibration, exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import accepts, config_fields, opt, type_name
+from ..errors import KvxError
+from ..methods import get_method, shortcut_options
+from ..plan import parse_spec
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """What to convert into. ``to`` is a spec (``mla``, ``streaming``, or
+    ``mla(kv_rank=60, rope_dims=36)``) for the ``layers`` chosen, the others stay full; ``plan``
+    instead gives every layer its own spec. ``options`` holds the methods' shortcut options
+    (``--kv-rank 60``, ``--sink 4``): the CLI and recipes fill it from their own keys."""
+
+    to: str = opt(
+        "mla", "Target spec for the chosen layers: a kind (mla, streaming) or a spec like 'mla(kv_rank=60, rope_dims=36)'."
+    )
+    layers: str | None = opt(
+        None,
+        "Layers to convert, e.g. '0-9,20' (default: all, or 'auto' where the method picks its own); "
+        "'auto' or a fraction like 0.25 lets a method with a layer score (streaming: the laziest) choose.",
+    )
+    plan: str | None = opt(None, "A per-layer plan (plan.yaml from kvx profile) instead of --to/--layers and the options.")
+    calib: str = opt("bundled", "Calibration text (as --data), or 'none' for weights-only conversion.")
+    calib_tokens: int = opt(16384, "Calibration tokens.")
+    calib_seq_len: int = opt(512, "Calibration window length (tokens).")
+    export: str | None = opt(
+        None,
+        "Also write OUT-native or OUT-deepseek: 'native' = base weights + transformers layer_types (full + sink-free "
+        "streaming plans, Qwen2/Qwen3); 'deepseek' = DeepseekV3ForCausalLM (all-MLA, implies --layout deepseek).",
+    )
+    options: dict = opt({}, "Method shortcut options by name (kv_rank, rope_dims, sink, ...).", cli=False)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calib.lower() != "none"
+
+    def target(self) -> tuple[str, dict]:
+        """The target kind and its arguments: the spec string's, plus the shortcut options given
+        (each must belong to that kind, and may not contradict the spec string)."""
+        kind, args = parse_spec(self.to)
+        get_method(kind)
+        owners = shortcut_options()
+        for name, value in self.options.items():
+            if value is None:
+                continue
+            owner = owners.get(name, (None,))[0]
+            if owner != kind:
+                flag = "--" + name.replace("_", "-")
+                raise KvxError(f"{flag} is {'an option of ' + owner if owner else 'not an option'}, not of --to {kind}")
+            if name in args and str(args[name]) != str(value):
+                raise KvxError(f"--to {self.to!r} sets {name}={args[name]} but --{name.replace('_', '-')} says {value}")
+            args[name] = value
+        return kind, args
+
+    def check(self) -> None:
+        """What can be checked without the model: the spec's syntax, its kind, who owns each option."""
+        if self.plan is not None:
+            given = sorted("--" + k.replace("_", "-") for k, v in self.options.items() if v is not None)
+            if self.layers is not None or self.to != "mla" or given:
+                extra = ", ".join(["--to"] * (self.to != "mla") + ["--layers"] * (self.layers is not None) + given)
+                raise KvxError(f"--plan sets every layer: drop {extra}")
+            return
+        self.target()
+
+    @classmethod
+    def from_mapping(cls, data: dict, where: str) -> "ConvertConfig":
+        """A recipe's ``convert:`` mapping: this config's keys, plus the methods' shortcut keys."""
+        owners = shortcut_options()
+        own = {f.name: hint for f, hint in config_fields(cls) if f.name != "options"}
+        options: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in own:
+                if not accepts(own[key], value):
+                    raise KvxError(f"{where}.{key}: {value!r} is not {type_name(own[key])}")
+                kwargs[key] = value
+            elif key in owners:
+                option = owners[key][1]
+                if not (accepts(option.type, value) or (option.type is str and accepts(int, value))):
+                    raise KvxError(f"{where}.{key}: {value!r} is not {type_name(option.type)}")
+                options[key] = value
+            else:
+                known = ", ".join(sorted([*own, *owners]))
+                raise KvxError(f"{where}: unknown key(s) {key} (known: {known})")
+        config = cls(**kwargs, options=options)
+        try:
+            config.check()
+        except KvxError as e:
+            raise KvxError(f"{where}: {e}") from None
+        return config
+
+    @classmethod
+    def make(cls, **kwargs) -> "ConvertConfig":
+        """From keyword arguments that mix this config's fields and shortcut options (library use)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        options = {**kwargs.pop("options", {}), **{k: kwargs.pop(k) for k in list(kwargs) if k not in names}}
+        unknown = sorted(set(options) - set(shortcut_options()))
+        if unknown:
+            raise TypeError(f"unknown convert option(s): {', '.join(unknown)}")
+        return cls(**kwargs, options=options)
+
+
+FRACTION = re.compile(r"0?\.\d+")
+
+
+def layer_fraction(layers: str | None, method) -> float | None:
+    """The share of layers ``--layers`` asks a scoring method to pick (``auto``: its own), or None."""
+    if layers is None and method.auto_fraction is not None:
+        layers = "auto"
+    if layers == "auto":
+        if method.layer_score is None:
+            raise KvxError(f"--layers auto: {method.kind} has no layer score to choose by; list the layers")
+        return method.auto_fraction
+    if layers is not None and FRACTION.fullmatch(layers):
+        if method.layer_score is None:
+            raise KvxError(f"--layers {layers}: {method.kind} has no layer score to choose by; list the layers")
+        if float(layers) <= 0:
+            raise KvxError(f"--layers {layers}: a fraction must be above 0")
+        return float(layers)
+    return None
+
+
+def top_layers(scores: list[float], fraction: float) -> list[int]:
+    """The ``fraction`` of layers with the highest scores (at least one), in layer order."""
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return sorted(ranked[: max(1, round(fraction * len(scores)))])

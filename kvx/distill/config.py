@@ -1,0 +1,45 @@
+"""``kvx distill``'s config: teacher, data, budget, optimisation, what trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import opt
+from ..errors import KvxError
+from .losses import LOSSES
+
+TRAIN_MODES = ("converted", "all", "lora")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str | None = opt(None, "Teacher (default: the model STUDENT was converted from); same tokenizer.")
+    data: str = opt("bundled", "Training text: 'bundled', a file/folder, hf:NAME, or 'teacher' (text the teacher writes).")
+    tokens: int = opt(262_144, "Training tokens.")
+    seq_len: int = opt(256, "Sequence length.")
+    batch_size: int = opt(4, "Sequences per batch (per process).")
+    grad_accum: int = opt(1, "Batches per optimizer step.")
+    lr: float = opt(1e-4, "Peak learning rate (linear warm-up, linear decay).")
+    warmup: float = opt(0.05, "Share of the steps spent warming the learning rate up.")
+    temperature: float = opt(1.0, "Softmax temperature of the KL.")
+    loss: str = opt("kl", "kl | kl+ce | kl+hidden.")
+    train: str = opt("converted", "converted (only weights the conversion created) | all | lora.")
+    eval_every: int = opt(0, "Evaluation perplexity every K steps (0: only at the end).")
+    eval_tokens: int = opt(4096, "Tokens of the evaluation windows (the data's eval part; bundled for --data teacher).")
+    save_every: int = opt(0, "Resumable checkpoint every K steps (0: none).")
+    mixed_precision: str = opt("no", "no | bf16 | fp16 (accelerate).")
+    lora_rank: int = opt(8, "LoRA rank for --train lora.")
+    seed: int = opt(0, "Seed of the data order and sampling.")
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise KvxError(f"unknown --loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        if self.train not in TRAIN_MODES:
+            raise KvxError(f"unknown --train {self.train!r} (choose from {', '.join(TRAIN_MODES)})")
+        if self.lora_rank < 1:
+            raise KvxError(f"--lora-rank {self.lora_rank} must be at least 1")
+        if self.tokens < self.batch_size * self.seq_len * self.grad_accum:
+            raise KvxError(
+                f"--tokens {self.tokens} is less than one optimizer step "
+                f"({self.batch_size} x {self.seq_len} tokens x {self.grad_accum} accumulation)"
+            )

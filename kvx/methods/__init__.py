@@ -1,0 +1,44 @@
+"""The methods kvx implements, one per layer spec kind: the only place that lists them.
+
+Adding a method: its spec in ``modeling/kvx_specs.py``, its runtime in
+``modeling/kvx_<kind>.py`` (+ a line in ``modeling_kvx.RUNTIMES``), its ``Method`` here
+(+ a line in ``METHODS``), and an entry in ``tests/specs.py``.
+"""
+
+from __future__ import annotations
+
+from ..errors import KvxError
+from .base import LayerInput, LayerOutput, Method, Option
+from .full import FullMethod
+from .mla import MLAMethod
+from .streaming import StreamingMethod
+
+METHODS: dict[str, Method] = {
+    "full": FullMethod(),
+    "mla": MLAMethod(),
+    "streaming": StreamingMethod(),
+}
+
+
+def get_method(kind: str) -> Method:
+    if kind not in METHODS:
+        raise KvxError(f"--to {kind!r} is not implemented yet (available: {', '.join(k for k in METHODS if k != 'full')})")
+    return METHODS[kind]
+
+
+def method_of(spec) -> Method:
+    return get_method(spec.kind)
+
+
+def shortcut_options() -> dict[str, tuple[str, Option]]:
+    """Every method's shortcut options by name, with the kind that owns each."""
+    out: dict[str, tuple[str, Option]] = {}
+    for kind, method in METHODS.items():
+        for name, option in method.options.items():
+            if name in out:
+                raise RuntimeError(f"option {name!r} of {kind} is already {out[name][0]}'s")
+            out[name] = (kind, option)
+    return out
+
+
+__all__ = ["METHODS", "LayerInput", "LayerOutput", "Method", "Option", "get_method", "method_of", "shortcut_options"]

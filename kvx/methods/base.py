@@ -1,0 +1,97 @@
+"""The interface every kvx method implements: one class per spec kind, one line in the registry.
+
+A method knows everything about its kind that is not runtime: how a spec is written on the
+command line and in recipes, what makes a spec impossible for a model (checked once, before
+any work), what must be measured first, how one layer's weights become the runtime's
+weights (a pure function of tensors), and which of those weights distillation trains. The
+stages (convert, distill, eval, the CLI, recipes) ask the registry and never name a kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import KvxError
+
+
+@dataclass(frozen=True)
+class Option:
+    """A shortcut for one spec field on the command line and in recipes (``--kv-rank 60``)."""
+
+    type: Any  # what typer and the recipe checker accept, e.g. ``str`` or ``int``
+    help: str
+
+
+@dataclass
+class LayerInput:
+    """What a method sees of one base layer: its attention tensors and what was measured.
+
+    ``state``: the base attention module's parameters and persistent buffers by their names
+    inside the module (``q_proj.weight``, ...), float32. ``weights``: the same q/k/v as the
+    arch adapter reads them. ``k_gain``: the effective gain of a per-head key norm (None:
+    the family has none). ``stats``: calibration statistics, if the method asked for them."""
+
+    index: int
+    state: dict[str, torch.Tensor]
+    weights: Any  # arch.AttentionWeights
+    adapter: Any  # arch.ArchAdapter
+    k_gain: torch.Tensor | None = None
+    stats: Any = None  # calibration.LayerStats
+
+
+@dataclass
+class LayerOutput:
+    """One converted layer: the attention module's complete state by runtime parameter name,
+    every base tensor not carried over with the reason why, and figures for the summary."""
+
+    state: dict[str, torch.Tensor]
+    dropped: dict[str, str] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """Base class: a method whose layers keep the base attention (what ``full`` does)."""
+
+    kind: ClassVar[str]
+    spec_type: ClassVar[type]
+    options: ClassVar[dict[str, Option]] = {}  # shortcuts for the spec's fields
+    layer_score: ClassVar[str | None] = None  # measurement that picks layers for --layers auto / 0.25
+    auto_fraction: ClassVar[float | None] = None  # share of layers --layers auto picks
+    tags: ClassVar[tuple[str, ...]] = ()  # model-card tags
+
+    # -- specs from text
+
+    def make_spec(self, args: dict, adapter, calibrated: bool):
+        """A spec from ``--to KIND(args)`` / shortcut options; placeholders resolved for ``adapter``."""
+        allowed = {f.name for f in fields(self.spec_type)}
+        unknown = sorted(set(args) - allowed)
+        if unknown:
+            raise KvxError(f"{self.kind} has no option {', '.join(unknown)} (it takes: {', '.join(sorted(allowed)) or 'none'})")
+        try:
+            return self.spec_type(**args)
+        except TypeError as e:
+            raise KvxError(f"bad {self.kind} spec {args}: {e}") from None
+
+    # -- validation, once, before any work
+
+    def check(self, spec, adapter, layer: int) -> None:
+        """Raise ``KvxError`` (one line, naming the layer) if ``spec`` cannot run in ``layer``."""
+
+    def needs(self, spec, calibrated: bool) -> frozenset[str]:
+        """What must be measured before converting a layer: ``calibration`` (input statistics)."""
+        return frozenset()
+
+    # -- the weight transform (pure: tensors in, tensors out)
+
+    def convert_layer(self, spec, layer: LayerInput) -> LayerOutput:
+        return LayerOutput(dict(layer.state))
+
+    # -- distillation
+
+    def trainable(self, spec) -> tuple[str, ...]:
+        """Modules inside the layer's attention that ``kvx distill --train converted`` trains:
+        the weights the conversion created (nothing for a layer that kept its weights)."""
+        return ()

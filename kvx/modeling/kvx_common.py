@@ -1,0 +1,119 @@
+"""What every kvx runtime file shares: the layer-runtime interface, RoPE and q/k/v maths, cache
+byte counts, and the bridge between transformers versions.
+
+Shipped inside every checkpoint; imports only torch and transformers. kvx's ``arch/`` imports
+the q/k/v maths from here, so there is one copy of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+# --------------------------------------------------------------------------- transformers versions
+# transformers 5.24 renamed the cache argument of models, decoder layers and attention modules
+# from ``past_key_values`` to ``cache`` (the old name warns). A checkpoint's runtime is run by
+# whatever transformers its user has, so it reads either name and passes the cache on under
+# the name the installed version expects.
+
+OLD_CACHE_ARG, NEW_CACHE_ARG = "past_key_values", "cache"
+
+
+def cache_arg(model_or_cls) -> str:
+    """The keyword under which this model class's ``forward`` takes its cache."""
+    cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
+    cls = getattr(cls, "_kvx_base", cls)
+    params = inspect.signature(cls.forward).parameters
+    return NEW_CACHE_ARG if NEW_CACHE_ARG in params else OLD_CACHE_ARG
+
+
+def cache_kwargs(model, cache: Cache | None) -> dict:
+    """``{name: cache}`` for calling ``model(...)`` without a deprecation warning on any version."""
+    return {cache_arg(model): cache}
+
+
+def pop_cache(kwargs: dict, *given) -> Cache | None:
+    """The cache a caller passed, under either name (``given``: explicit arguments already bound)."""
+    found = [c for c in (*given, kwargs.pop(NEW_CACHE_ARG, None), kwargs.pop(OLD_CACHE_ARG, None)) if c is not None]
+    return found[0] if found else None
+
+
+def output_cache(output) -> Cache | None:
+    """The cache a model output or ``generate`` result carries (``.cache`` from 5.24 on)."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    return getattr(output, NEW_CACHE_ARG if NEW_CACHE_ARG in fields else OLD_CACHE_ARG, None)
+
+
+# --------------------------------------------------------------------------- cache bytes
+
+
+def tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def layer_nbytes(layer) -> int:
+    """Bytes one cache layer really holds: its own ``nbytes()`` where it has one (a layer that
+    aliases another's tensors, keeps V only or evicts knows best), else its K/V tensors."""
+    if hasattr(layer, "nbytes"):
+        return int(layer.nbytes())
+    return tensor_bytes(layer.keys, layer.values)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes the cache object really holds, summed over layers."""
+    return sum(layer_nbytes(layer) for layer in cache.layers)
+
+
+# --------------------------------------------------------------------------- the layer-runtime interface
+
+
+class LayerRuntime:
+    """How one spec kind runs: the attention module that replaces the base one, the cache
+    layer it fills, and optional model-level hooks. One subclass per ``kvx_<kind>.py``, one
+    line in ``modeling_kvx.RUNTIMES``. The defaults are those of a ``full`` layer."""
+
+    kind: str = "full"
+
+    def attention(self, base: nn.Module, spec, config, meta: dict) -> nn.Module:
+        """The layer's attention module, built around the base model's freshly made one."""
+        return base
+
+    def cache_layer(self, spec, config, sliding: bool):
+        """The cache layer of one decoder layer (``sliding``: the base layer has a local window)."""
+        return DynamicSlidingWindowLayer(config.sliding_window) if sliding else DynamicLayer()
+
+    def init_model(self, model: nn.Module, layers: list[int]) -> None:
+        """Model-level state the kind needs once per model (a shared predictor, a reference model)."""
+
+    def forward(self, model: nn.Module, forward, **kwargs):
+        """Wrap the model's forward (a multi-pass prefill, say); ``forward(**kwargs)`` runs the rest.
+        Only kinds that override this are called."""
+        return forward(**kwargs)
+
+
+# --------------------------------------------------------------------------- RoPE and projections
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's RoPE (``rotate_half`` layout) with ``cos``/``sin`` of shape ``[B, T, head_dim]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def project_qkv(q_proj, k_proj, v_proj, q_norm, k_norm, x, cos, sin, n_heads, n_kv, head_dim):
+    """A base attention layer's q, k (per-head norms, RoPE) and v, as ``[B, heads, T, head_dim]``."""
+    bsz, t, _ = x.shape
+
+    def heads(y, n):
+        return y.view(bsz, t, n, head_dim).transpose(1, 2)
+
+    q, k, v = heads(q_proj(x), n_heads), heads(k_proj(x), n_kv), heads(v_proj(x), n_kv)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    return rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin), v

@@ -1,0 +1,115 @@
+"""Layer specs: what one decoder layer of a kvx model is, and how many floats it caches per token.
+
+Shipped inside every checkpoint (next to ``modeling_kvx.py``) and imported by kvx itself, so
+the library and the runtime read the same dataclasses with the same defaults. Imports only
+the standard library. A new method adds its spec here and one line to ``SPEC_TYPES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Union
+
+
+class SpecError(ValueError):
+    """A spec dict that names an unknown kind or has bad fields (kvx shows it as one line)."""
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What the base architecture fixes about the cache (from kvx's arch adapter)."""
+
+    n_kv_heads: int
+    head_dim: int
+    k_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FullSpec:
+    """The base model's attention, untouched: K and V of every KV head."""
+
+    kind: ClassVar[str] = "full"
+
+    def cached_floats(self, geom: CacheGeometry) -> int:
+        return 2 * geom.n_kv_heads * geom.head_dim
+
+    def cached_tokens(self, n_tokens: int) -> int:
+        return n_tokens
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (X-EcoMLA / MHA2MLA / TransMLA upcycling).
+
+    ``kv_rank``: latent floats per token. ``rope_dims``: RoPE key floats per token, all KV
+    heads together (2 per kept frequency pair per KV head). ``rope_select``: how the pairs
+    were chosen. Families with per-head key RMS norms also cache one scale per KV head.
+    ``layout``: ``kvx`` (a RoPE key per KV head, MHA2MLA-style), ``shared`` (one RoPE key of
+    ``rope_dims`` for all heads, TransMLA-style) or ``deepseek`` (shared, plus an RMS norm on
+    the latent: DeepSeek-V3's attention, exportable with ``kvx export --format deepseek``).
+    """
+
+    kv_rank: int
+    rope_dims: int
+    rope_select: str = "2norm"
+    layout: str = "kvx"
+    kind: ClassVar[str] = "mla"
+
+    @property
+    def shared(self) -> bool:
+        """One RoPE key for all heads (the shared and deepseek layouts)."""
+        return self.layout in ("shared", "deepseek")
+
+    def cached_floats(self, geom: CacheGeometry) -> int:
+        return self.kv_rank + self.rope_dims + (geom.n_kv_heads if geom.k_norm else 0)
+
+    def cached_tokens(self, n_tokens: int) -> int:
+        return n_tokens
+
+
+@dataclass(frozen=True)
+class StreamingSpec:
+    """Attention sinks + a recent window (LightTransfer / StreamingLLM): K/V of the first
+    ``sink`` and the last ``window`` tokens only."""
+
+    sink: int = 4
+    window: int = 1020
+    kind: ClassVar[str] = "streaming"
+    always_shown: ClassVar[tuple[str, ...]] = ("sink", "window")  # in spec strings, defaults or not
+
+    def cached_floats(self, geom: CacheGeometry) -> int:
+        return 2 * geom.n_kv_heads * geom.head_dim
+
+    def cached_tokens(self, n_tokens: int) -> int:
+        return min(n_tokens, self.sink + self.window)
+
+
+LayerSpec = Union[FullSpec, MLASpec, StreamingSpec]
+SPEC_TYPES: dict[str, type] = {
+    "full": FullSpec,
+    "mla": MLASpec,
+    "streaming": StreamingSpec,
+}
+RUNTIME_ONLY_KEYS = ("absorb",)  # switches of the runtime, not part of a spec
+
+
+def spec_to_dict(spec) -> dict:
+    return {"kind": spec.kind, **asdict(spec)}
+
+
+def spec_from_dict(d: dict):
+    """A spec from its dict (``config.json``, YAML); runtime-only keys are ignored."""
+    d = {k: v for k, v in d.items() if k not in RUNTIME_ONLY_KEYS}
+    kind = d.pop("kind", None)
+    if kind not in SPEC_TYPES:
+        raise SpecError(f"unknown layer spec kind {kind!r} (known: {', '.join(SPEC_TYPES)})")
+    cls = SPEC_TYPES[kind]
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise SpecError(f"bad {kind} spec {d}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise SpecError(f"bad {kind} spec {d}: {e}") from None

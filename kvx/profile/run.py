@@ -1,0 +1,130 @@
+"""``kvx profile``: measure every layer on calibration text and suggest a plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..arch import get_adapter
+from ..checkpoint import atomic_dir, check_output
+from ..data import token_windows
+from ..errors import KvxError
+from ..loading import load_model
+from ..methods.mla.maths import full_rank, joint_kv, output_spectrum, select_pairs, validate_rope_dims
+from ..plan import Plan
+from ..progress import Progress, no_progress
+from .collect import ProfileSettings, attention_maps, cross_scale_similarity, run_profile
+from .config import ProfileConfig
+from .metrics import energy_ranks
+from .report import write_report
+from .suggest import check_room, default_rope_dims, suggest_plan
+
+
+def profile(
+    model: str,
+    out: str | Path,
+    cfg: ProfileConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress = no_progress,
+    **options,
+) -> dict:
+    """``kvx profile``: measure every layer on DATA's calibration part and suggest a plan.
+
+    Writes report.json, PNG plots and plan.yaml to ``out``; returns the report.
+    """
+    cfg = cfg or ProfileConfig(**options)
+    data, tokens, seq_len, reference, sink, window = cfg.data, cfg.tokens, cfg.seq_len, cfg.reference, cfg.sink, cfg.window
+    topk, rope_dims, target_kv_ratio, streaming = cfg.topk, cfg.rope_dims, cfg.target_kv_ratio, cfg.streaming
+    check_output(Path(out), overwrite)
+    window = max(1, seq_len // 8) if window is None else window
+    if sink < 0 or window < 1 or sink + window >= seq_len:
+        raise KvxError(f"--sink {sink} + --window {window} must be below --seq-len {seq_len}")
+    if not 1 <= topk < seq_len:
+        raise KvxError(f"--topk {topk} must be between 1 and --seq-len - 1")
+    base, tokenizer, name = load_model(model)
+    if getattr(base.config, "kvx", None):
+        raise KvxError(f"{model} is already converted by kvx: profile its base model ({Plan.from_config(base.config).base_model})")
+    adapter = get_adapter(base.config)
+    geom = adapter.geometry()
+    hidden, n_kv, hd = base.config.hidden_size, adapter.n_kv_heads, adapter.head_dim
+    r_dims = default_rope_dims(geom, target_kv_ratio) if rope_dims is None else rope_dims
+    validate_rope_dims(r_dims, n_kv, hd)
+    if not streaming:
+        check_room(geom, adapter.n_layers, target_kv_ratio, r_dims)
+    ref = None
+    if reference is not None:
+        ref, ref_tok, ref_name = load_model(reference)
+        if ref_tok.get_vocab() != tokenizer.get_vocab():
+            raise KvxError(f"--reference {reference} has another tokenizer than {model}: attention maps would not align")
+        get_adapter(ref.config)
+
+    windows = token_windows(tokenizer, data, "calib", tokens, seq_len)
+    settings = ProfileSettings(sink=sink, window=window, topk=topk)
+    col = run_profile(base, adapter, windows, settings, on_batch=progress("profiling", windows.numel()))
+
+    layers, spectra, lazy = [], [], []
+    m = r_dims // (2 * n_kv)
+    for i in range(adapter.n_layers):
+        attn, st, lp = adapter.attention(base, i), col.stats[i], col.layers[i]
+        w = adapter.attention_weights(attn)
+        cov = st.covariance
+        pairs = select_pairs("2norm", n_kv, hd, m, st.pair_score)
+        jkv = joint_kv(w.wk, w.wv, w.bk, n_kv=n_kv, head_dim=hd, pairs=pairs, cov=cov, k_gain=adapter.k_norm_weight(attn))
+        joint_ev = output_spectrum(jkv.joint, cov)[0][: full_rank(n_kv, hd, r_dims, hidden)]
+        spectra.append(joint_ev)
+        lazy.append(float(lp.lazy_per_head.mean()))
+        layers.append(
+            {
+                "layer": i,
+                "type": (geom.layer_types[i] if geom.layer_types else "full_attention"),
+                "lazy_ratio": lazy[-1],
+                "lazy_ratio_per_head": lp.lazy_per_head.tolist(),
+                "topk_recall": float(lp.recall_per_head.mean()),
+                "topk_recall_per_head": lp.recall_per_head.tolist(),
+                "spectrum": {
+                    "k": energy_ranks(output_spectrum(w.wk, cov)[0][: min(n_kv * hd, hidden)]),
+                    "v": energy_ranks(output_spectrum(w.wv, cov)[0][: min(n_kv * hd, hidden)]),
+                    "joint": energy_ranks(joint_ev),
+                },
+                "rope_pair_score": (st.pair_score / st.n_tokens).tolist(),
+                "rope_pairs_kept": pairs.tolist(),
+            }
+        )
+    ranking = sorted(range(len(lazy)), key=lambda i: -lazy[i])
+    for pos, i in enumerate(ranking):
+        layers[i]["lazy_rank"] = pos + 1
+
+    report = {
+        "model": name,
+        "data": data,
+        "tokens": int(windows.numel()),
+        "settings": {"seq_len": seq_len, "sink": sink, "window": window, "topk": topk, "rope_dims": r_dims},
+        "attention": "recomputed from each layer's own q/k (RoPE, norms, local windows), in float32 query chunks",
+        "layers": layers,
+        "lazy_ranking": ranking,
+        "cross_layer_similarity": {k: (v / col.kv_sim_n).tolist() for k, v in col.kv_sim.items()},
+    }
+    if ref is not None:
+        probe = windows[:2, : cfg.xscale_tokens]
+        sims = cross_scale_similarity(attention_maps(base, adapter, probe), attention_maps(ref, get_adapter(ref.config), probe))
+        best = sims["head_averaged"].max(dim=1)
+        report["cross_scale"] = {
+            "reference": ref_name,
+            "tokens": int(probe.numel()),
+            "head_averaged": sims["head_averaged"].tolist(),
+            "best_head": sims["best_head"].tolist(),
+            "best_mapping": [
+                {"layer": i, "reference_layer": int(j), "similarity": float(v)}
+                for i, (v, j) in enumerate(zip(best.values, best.indices))
+            ],
+        }
+    plan = suggest_plan(
+        geom, spectra, lazy, target_kv_ratio, r_dims, streaming, cfg.lazy_threshold, sink=sink, window=window,
+        context=seq_len, base_model=name,
+    )
+    report["suggested_plan"] = plan.to_dict()
+    report["expected_kv_ratio"] = plan.meta["expected_kv_ratio"]
+    with atomic_dir(out, overwrite) as tmp:
+        files = write_report(report, plan, tmp)
+    report["files"] = [str(Path(out) / f.name) for f in files]
+    return report

@@ -183,4 +183,4 @@ def build_uninitialised(cls, config):
 
 def load(path: str, **kwargs):
     """``kvx.load``: the model alone (use ``load_model`` for the tokenizer too)."""
-    return load_model(path, **kwargs)[0]
+    return load_model(path, need_tokenizer=False, **kwargs)[0]

@@ -16,8 +16,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 # Runs in a fresh interpreter where `import kvx` fails, as on a user's machine without kvx.
-# Writes what it saw to a .pt file: versions, layer and cache classes, logits, generated
-# tokens, and the bytes each cache layer holds after the prompt.
+# For each checkpoint it writes what it saw to one .pt file: versions, layer and cache
+# classes, logits, generated tokens, and the bytes each cache layer holds after the prompt.
 RELOAD_WITHOUT_KVX = textwrap.dedent(
     """
     import importlib.abc, json, sys
@@ -28,43 +28,53 @@ RELOAD_WITHOUT_KVX = textwrap.dedent(
     sys.meta_path.insert(0, NoKvx())
     import torch, transformers
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    ids = torch.tensor(json.loads(sys.argv[2]))
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
     def cache_of(o):
         return o.cache if "cache" in type(o).__dataclass_fields__ else o.past_key_values
     def nbytes(layer):
         if hasattr(layer, "nbytes"):
             return int(layer.nbytes())
         return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-    gen = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    torch.save({
-        "kvx_imported": "kvx" in sys.modules,
-        "transformers": transformers.__version__,
-        "attention": [type(layer.self_attn).__name__ for layer in model.model.layers],
-        "cache_layers": [type(layer).__name__ for layer in cache_of(gen).layers],
-        "cache_bytes": [nbytes(layer) for layer in cache_of(out).layers],
-        "tokens": gen.sequences[0].tolist(),
-        "logits": out.logits,
-    }, sys.argv[3])
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    seen = {}
+    for path in json.loads(sys.argv[1]):
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+        gen = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        seen[path] = {
+            "kvx_imported": "kvx" in sys.modules,
+            "transformers": transformers.__version__,
+            "attention": [type(layer.self_attn).__name__ for layer in model.model.layers],
+            "cache_layers": [type(layer).__name__ for layer in cache_of(gen).layers],
+            "cache_bytes": [nbytes(layer) for layer in cache_of(out).layers],
+            "tokens": gen.sequences[0].tolist(),
+            "logits": out.logits,
+        }
+    torch.save(seen, sys.argv[3])
     """
 )
 
 
-def reload_without_kvx(checkpoint: Path, ids: torch.Tensor, pythonpath: Path | None = None) -> dict:
-    """Load ``checkpoint`` with ``trust_remote_code`` in a fresh interpreter without kvx (and, with
-    ``pythonpath``, the transformers installed there in front) and report what it computed."""
-    out = Path(checkpoint).parent / f"reload-{os.getpid()}-{pythonpath.name if pythonpath else 'here'}.pt"
+def reload_many_without_kvx(checkpoints: list[Path], ids: torch.Tensor, pythonpath: Path | None = None) -> dict:
+    """Load each checkpoint with ``trust_remote_code`` in one fresh interpreter without kvx (and,
+    with ``pythonpath``, the transformers installed there in front); what each computed, by path."""
+    out = Path(checkpoints[0]).parent / f"reload-{os.getpid()}-{pythonpath.name if pythonpath else 'here'}.pt"
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [str(c) for c in checkpoints]
     proc = subprocess.run(
-        [sys.executable, "-c", RELOAD_WITHOUT_KVX, str(checkpoint), json.dumps(ids.tolist()), str(out)],
-        capture_output=True, text=True, timeout=600, env=env,
+        [sys.executable, "-c", RELOAD_WITHOUT_KVX, json.dumps(paths), json.dumps(ids.tolist()), str(out)],
+        capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
+    seen = torch.load(out)
+    return {Path(p): seen[p] for p in paths}
+
+
+def reload_without_kvx(checkpoint: Path, ids: torch.Tensor, pythonpath: Path | None = None) -> dict:
+    """``reload_many_without_kvx`` for one checkpoint."""
+    return next(iter(reload_many_without_kvx([checkpoint], ids, pythonpath).values()))
 
 
 def declared_transformers_range() -> tuple[Version, Version]:

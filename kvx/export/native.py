@@ -46,7 +46,8 @@ def export_native(base_model, tokenizer, adapter: ArchAdapter, plan: Plan, out: 
             base_model.save_pretrained(tmp)
         finally:
             base_model.config = original
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return Path(out)
 
 

@@ -1,0 +1,34 @@
+"""Example specs of every method, for the one test that runs every invariant over spec x family.
+
+Adding a method: add its examples here. Each example makes a spec for a family's geometry
+(an ``ArchAdapter``) and names the families whose check must refuse it, before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvx.plan import FullSpec, MLASpec, StreamingSpec
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    make: Callable  # adapter -> spec, applied to every layer
+    refused_by: tuple[str, ...] = ()  # families where the method's check must refuse it
+
+
+def _two_pairs(a) -> int:  # RoPE dims for two kept frequency pairs per KV head
+    return 4 * a.n_kv_heads
+
+
+EXAMPLES: list[Example] = [
+    Example("full", lambda a: FullSpec()),
+    Example("mla-kvx-2norm", lambda a: MLASpec(8, _two_pairs(a), "2norm")),
+    Example("mla-kvx-uniform", lambda a: MLASpec(10, _two_pairs(a), "uniform")),
+    Example("mla-shared", lambda a: MLASpec(12, 8, "high", "shared"), refused_by=("qwen3", "gemma3")),
+    Example("mla-deepseek", lambda a: MLASpec(12, 8, "high", "deepseek"), refused_by=("qwen3", "gemma3")),
+    Example("streaming", lambda a: StreamingSpec(2, 8), refused_by=("gemma3",)),  # gemma3 has local-window layers
+    Example("streaming-sinkless", lambda a: StreamingSpec(0, 9), refused_by=("gemma3",)),
+]

@@ -34,8 +34,8 @@ def bare_throughput(student_dir: Path, seq_len: int, batch_size: int, steps: int
 
     from kvx.arch import get_adapter
     from kvx.data import token_windows
-    from kvx.distill.losses import kl_loss
     from kvx.distill.loop import select_trainable
+    from kvx.distill.losses import kl_loss
     from kvx.loading import load_model
     from kvx.plan import Plan
 
@@ -87,11 +87,37 @@ def main() -> None:
     for ratio in (int(r) for r in a.ratios.split(",")):
         rank, rope = SETTINGS[ratio]
         mla, healed = out / f"x{ratio}-mla", out / f"x{ratio}-healed"
-        kvx("convert", "smollm2-135m", "--to", "mla", "--kv-rank", str(rank), "--rope-dims", str(rope), "-o", str(mla), "--overwrite")
         kvx(
-            "distill", str(mla), "-o", str(healed), "--overwrite", "--tokens", str(budgets[-1]), "--seq-len", str(a.seq_len),
-            "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--eval-every", str(eval_every),
-            "--mixed-precision", a.mixed_precision,
+            "convert",
+            "smollm2-135m",
+            "--to",
+            "mla",
+            "--kv-rank",
+            str(rank),
+            "--rope-dims",
+            str(rope),
+            "-o",
+            str(mla),
+            "--overwrite",
+        )
+        kvx(
+            "distill",
+            str(mla),
+            "-o",
+            str(healed),
+            "--overwrite",
+            "--tokens",
+            str(budgets[-1]),
+            "--seq-len",
+            str(a.seq_len),
+            "--batch-size",
+            str(a.batch_size),
+            "--lr",
+            str(a.lr),
+            "--eval-every",
+            str(eval_every),
+            "--mixed-precision",
+            a.mixed_precision,
         )
         summary = json.loads((healed / "distill_summary.json").read_text())
         metrics = [json.loads(line) for line in (healed / "metrics.jsonl").read_text().splitlines()]
@@ -100,17 +126,30 @@ def main() -> None:
         rows.append((ratio, rank, rope, summary, [by_tokens.get(b) for b in budgets], bare))
         print(f"done: {ratio}x", file=sys.stderr, flush=True)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"\nSmolLM2-135M-Instruct (bundled), MLA by `kvx convert`, healed by `kvx distill` (KL, converted weights only,")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    )
+    print(
+        "\nSmolLM2-135M-Instruct (bundled), MLA by `kvx convert`, healed by `kvx distill` (KL, converted weights only,"
+    )
     print(f"lr {a.lr}, batch {a.batch_size} x {a.seq_len}, {a.mixed_precision} mixed precision) on {device}.")
-    print(f"Perplexity: {4096 // a.seq_len} windows of {a.seq_len} tokens of the bundled evaluation text (distill's own evaluation).\n")
+    print(
+        f"Perplexity: {4096 // a.seq_len} windows of {a.seq_len} tokens of the bundled evaluation text (distill's "
+        "own evaluation).\n"
+    )
     head = " | ".join(f"ppl after {b:,} tokens" for b in budgets)
     print(f"| KV ratio | kv_rank | rope_dims | original model | converted | {head} | tokens/s | bare loop tokens/s |")
     print("| --- | --- | --- | --- | --- |" + " --- |" * len(budgets) + " --- | --- |")
     for ratio, rank, rope, summary, points, bare in rows:
         cells = [f"{p['eval_ppl']:.2f}" if p else "n/a" for p in points]
         speed = points[-1]["tokens_per_s"] if points[-1] else float("nan")
-        print(f"| {ratio}x | {rank} | {rope} | {summary['ppl_teacher']:.2f} | {summary['ppl_before']:.2f} | " + " | ".join(cells) + f" | {speed:.0f} | {bare:.0f} |")
+        print(
+            f"| {ratio}x | {rank} | {rope} | {summary['ppl_teacher']:.2f} | {summary['ppl_before']:.2f} | "
+            + " | ".join(cells)
+            + f" | {speed:.0f} | {bare:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from kvx.convert import convert
 from kvx.data import token_windows
+from kvx.distill import distill
 from kvx.eval import perplexity
 from kvx.loading import load_model
-from kvx.convert import convert
-from kvx.distill import distill
 
 ROWS = [  # label, layout, rope_select, kv_rank, rope_dims
     ("kvx, 2-norm pairs per KV head", "kvx", "2norm", 60, 36),
@@ -50,7 +50,14 @@ def main() -> None:
     for label, layout, select, rank, rope in ROWS:
         conv_dir = out / f"{layout}-{select}"
         kv = convert(
-            "smollm2-135m", conv_dir, kv_rank=rank, rope_dims=rope, rope_select=select, layout=layout, overwrite=True, loaded=base
+            "smollm2-135m",
+            conv_dir,
+            kv_rank=rank,
+            rope_dims=rope,
+            rope_select=select,
+            layout=layout,
+            overwrite=True,
+            loaded=base,
         )["kv"]
         before = perplexity(load_model(str(conv_dir))[0], windows)
         after = None
@@ -61,9 +68,19 @@ def main() -> None:
         results.append((label, rank, rope, kv["baseline"] / kv["measured"], before, after))
         print(json.dumps(results[-1]), flush=True)
 
-    device = f"{platform.machine()} CPU, {os.cpu_count()} cores" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    print(f"\nSmolLM2-135M-Instruct (bundled), float32, {device}. Perplexity: {windows.shape[0]} windows of 512 tokens of the")
-    print(f"bundled evaluation text; original model {base_ppl:.2f}. Distillation: `kvx distill` defaults with lr 3e-4, {a.distill_tokens} tokens.\n")
+    device = (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name()
+    )
+    print(
+        f"\nSmolLM2-135M-Instruct (bundled), float32, {device}. Perplexity: {windows.shape[0]} windows of 512 "
+        "tokens of the"
+    )
+    print(
+        f"bundled evaluation text; original model {base_ppl:.2f}. Distillation: `kvx distill` defaults with lr "
+        f"3e-4, {a.distill_tokens} tokens.\n"
+    )
     print("| layout | kv_rank | RoPE dims | KV cut | ppl, converted | ppl, after distillation |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, rank, rope, ratio, before, after in results:

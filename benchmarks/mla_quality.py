@@ -23,7 +23,7 @@ import torch
 
 from kvx.data import token_windows
 from kvx.eval import perplexity
-from kvx.eval.kv import kv_bytes_per_token
+from kvx.measure.kv import kv_bytes_per_token
 from kvx.loading import load_model
 
 # SmolLM2-135M caches 2 x 3 KV heads x 64 = 384 floats per token and layer.
@@ -81,7 +81,19 @@ def main() -> None:
         for name, flags in METHODS.items():
             target = out / f"x{ratio}-{name.split(',')[0].split()[0]}-{flags[-1]}"
             wall, rss = run_convert(
-                ["smollm2-135m", "--to", "mla", "--kv-rank", str(rank), "--rope-dims", str(rope), "-o", str(target), "--overwrite", *flags]
+                [
+                    "smollm2-135m",
+                    "--to",
+                    "mla",
+                    "--kv-rank",
+                    str(rank),
+                    "--rope-dims",
+                    str(rope),
+                    "-o",
+                    str(target),
+                    "--overwrite",
+                    *flags,
+                ]
             )
             model, _, _ = load_model(str(target))
             ppl = perplexity(model, windows)
@@ -92,12 +104,21 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct (bundled, float32), {windows.numel()} eval tokens of the bundled New Testament")
     print(f"in windows of {a.seq_len}; calibration 16384 tokens of the Old Testament; no training.")
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, float32.")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, float32."
+    )
     print(f"Base model: perplexity {base_ppl:.2f}, {base_kv:.0f} KV bytes/token, weights {model_mib:.0f} MiB.\n")
-    print("| KV ratio | kv_rank | rope_dims | initialisation | perplexity | ppl / base | convert wall (s) | convert peak RSS (MiB) | RSS / weights |")
+    print(
+        "| KV ratio | kv_rank | rope_dims | initialisation | perplexity | ppl / base | convert wall (s) | convert "
+        "peak RSS (MiB) | RSS / weights |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for ratio, rank, rope, name, ppl, rel, wall, rss in rows:
-        print(f"| {ratio:.2f}x | {rank} | {rope} | {name} | {ppl:.2f} | {rel:.2f} | {wall:.1f} | {rss:.0f} | {rss / model_mib:.1f} |")
+        print(
+            f"| {ratio:.2f}x | {rank} | {rope} | {name} | {ppl:.2f} | {rel:.2f} | {wall:.1f} | {rss:.0f} | "
+            f"{rss / model_mib:.1f} |"
+        )
 
 
 if __name__ == "__main__":

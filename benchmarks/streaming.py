@@ -21,10 +21,10 @@ import sys
 import torch
 
 from kvx.arch import get_adapter
-from kvx.eval import long_context
-from kvx.loading import load_model
 from kvx.convert.assemble import convert_model
 from kvx.convert.scores import lazy_ratios
+from kvx.eval import long_context
+from kvx.loading import load_model
 from kvx.plan import FullSpec, Plan, StreamingSpec
 
 
@@ -59,17 +59,30 @@ def main() -> None:
             rows.append(row(f"{k}/{n} streaming by {how}", convert_model(base, plan)[0]))
 
     base_res = rows[0][1]
-    print(f"\nSmolLM2-135M-Instruct (bundled, float32), streaming layers with sink {a.sink} + window {a.window}, no training.")
-    print(f"Perplexity of the last {a.tail} tokens of {a.docs} documents (the longest New Testament books) cut to each context.")
+    print(
+        f"\nSmolLM2-135M-Instruct (bundled, float32), streaming layers with sink {a.sink} + window {a.window}, no "
+        "training."
+    )
+    print(
+        f"Perplexity of the last {a.tail} tokens of {a.docs} documents (the longest New Testament books) cut to "
+        "each context."
+    )
     print(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.")
-    print(f"Lazy ratios (sink {a.sink} + last {a.window}, calibration text): " + " ".join(f"{x:.2f}" for x in lazy) + "\n")
+    print(
+        f"Lazy ratios (sink {a.sink} + last {a.window}, calibration text): " + " ".join(f"{x:.2f}" for x in lazy) + "\n"
+    )
     head = " | ".join(f"ppl @{c} | ppl ratio @{c} | KV bytes/token @{c} | KV ratio @{c}" for c in contexts)
     print(f"| layers | {head} |")
     print("| --- |" + " --- |" * (4 * len(contexts)))
     for name, results in rows:
         cells = []
         for r, b in zip(results, base_res):
-            cells += [f"{r['ppl_tail']:.3f}", f"{r['ppl_tail'] / b['ppl_tail']:.3f}", f"{r['kv_bytes_per_token']:.0f}", f"{b['kv_bytes_per_token'] / r['kv_bytes_per_token']:.2f}x"]
+            cells += [
+                f"{r['ppl_tail']:.3f}",
+                f"{r['ppl_tail'] / b['ppl_tail']:.3f}",
+                f"{r['kv_bytes_per_token']:.0f}",
+                f"{b['kv_bytes_per_token'] / r['kv_bytes_per_token']:.2f}x",
+            ]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

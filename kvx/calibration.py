@@ -44,9 +44,7 @@ class StatsCollector:
     def __init__(self, model, adapter: ArchAdapter, layers: list[int], pair_scores: bool = True):
         self.adapter, self.pair_scores = adapter, pair_scores
         hidden = model.config.hidden_size
-        self.stats = {
-            i: LayerStats(torch.zeros(hidden, hidden, dtype=torch.float64), 0, None) for i in layers
-        }
+        self.stats = {i: LayerStats(torch.zeros(hidden, hidden, dtype=torch.float64), 0, None) for i in layers}
         self.handles = [
             adapter.attention(model, i).register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in layers
         ]

@@ -32,9 +32,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-ModelArg = Annotated[
-    str, typer.Argument(help=f"Local folder, Hub id, .gguf file or built-in alias ({DEFAULT_MODEL}).")
-]
+ModelArg = Annotated[str, typer.Argument(help=f"Local folder, Hub id, .gguf file or built-in alias ({DEFAULT_MODEL}).")]
 OutOpt = Annotated[str, typer.Option("-o", "--out", help="Output folder.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
 
@@ -142,7 +140,9 @@ def _run(fn, *args, **kwargs):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # transformers' own bars ("Loading weights")
     disable_progress_bars()  # huggingface_hub's ("Writing model shards"): kvx draws its own
-    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices: not the user's to act on
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning
+    )  # libraries' deprecation notices: not the user's to act on
     try:
         return fn(*args, **kwargs)
     except KvxError as e:
@@ -153,7 +153,9 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 @with_config("cfg", ProfileConfig)
-def profile(model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: OverwriteOpt = False, cfg: ProfileConfig = None):
+def profile(
+    model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: OverwriteOpt = False, cfg: ProfileConfig = None
+):
     """Profile every layer (lazy ratio, KV spectrum, RoPE pairs, cross-layer/-scale similarity) and suggest a plan."""
     from .profile.run import profile as run
 
@@ -164,22 +166,38 @@ def profile(model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: Overwr
     from .plan import spec_from_dict, spec_string
 
     s = report["settings"]
-    table = Table(title=f"kvx profile {report['model']}: {report['tokens']} tokens of {report['data']}, windows of {s['seq_len']}")
-    for col in ("layer", f"lazy ratio (sink {s['sink']} + last {s['window']})", "lazy rank", "rank 95% [K_nope;V]", f"top-{s['topk']} recall", "plan"):
+    table = Table(
+        title=f"kvx profile {report['model']}: {report['tokens']} tokens of {report['data']}, windows of {s['seq_len']}"
+    )
+    for col in (
+        "layer",
+        f"lazy ratio (sink {s['sink']} + last {s['window']})",
+        "lazy rank",
+        "rank 95% [K_nope;V]",
+        f"top-{s['topk']} recall",
+        "plan",
+    ):
         table.add_column(col)
     for layer, spec in zip(report["layers"], report["suggested_plan"]["layers"]):
         table.add_row(
-            str(layer["layer"]), f"{layer['lazy_ratio']:.3f}", str(layer["lazy_rank"]),
-            f"{layer['spectrum']['joint']['rank_95']}/{layer['spectrum']['joint']['dims']}", f"{layer['topk_recall']:.3f}",
+            str(layer["layer"]),
+            f"{layer['lazy_ratio']:.3f}",
+            str(layer["lazy_rank"]),
+            f"{layer['spectrum']['joint']['rank_95']}/{layer['spectrum']['joint']['dims']}",
+            f"{layer['topk_recall']:.3f}",
             spec_string(spec_from_dict(spec)),
         )
     Console().print(table)
-    Console().print(f"Suggested plan: expected KV ratio {report['expected_kv_ratio']:.2f}x. Wrote: {', '.join(report['files'])}")
+    Console().print(
+        f"Suggested plan: expected KV ratio {report['expected_kv_ratio']:.2f}x. Wrote: {', '.join(report['files'])}"
+    )
 
 
 @app.command()
 @with_config("cfg", ConvertConfig, extra=_shortcut_options(), collect=_with_shortcuts)
-def convert(model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: OverwriteOpt = False, cfg: ConvertConfig = None):
+def convert(
+    model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: OverwriteOpt = False, cfg: ConvertConfig = None
+):
     """Convert MODEL's attention layers to a smaller cache: --to mla (latent attention), streaming (sinks + window),
     a spec like 'mla(kv_rank=60, rope_dims=36)', or --plan FILE."""
     from .convert.run import convert as run
@@ -189,11 +207,17 @@ def convert(model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: Overwr
     with _progress() as progress:
         result = _run(run, model, out, cfg, overwrite=overwrite, progress=progress)
     kv = result["kv"]
-    table = Table(title=f"kvx convert -> {result['out']} (cache after {kv['tokens']} tokens)", caption=result["plan"].summary())
+    table = Table(
+        title=f"kvx convert -> {result['out']} (cache after {kv['tokens']} tokens)", caption=result["plan"].summary()
+    )
     for col in ("KV bytes/token", "base", "measured", "plan", "ratio"):
         table.add_column(col)
     table.add_row(
-        kv["dtype"], f"{kv['baseline']:.0f}", f"{kv['measured']:.0f}", f"{kv['spec']:.0f}", f"{kv['baseline'] / kv['measured']:.2f}x"
+        kv["dtype"],
+        f"{kv['baseline']:.0f}",
+        f"{kv['measured']:.0f}",
+        f"{kv['spec']:.0f}",
+        f"{kv['baseline'] / kv['measured']:.2f}x",
     )
     Console().print(table)
     for note in result["notes"]:
@@ -205,7 +229,9 @@ def convert(model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: Overwr
 @app.command()
 def export(
     checkpoint: Annotated[str, typer.Argument(help="A kvx checkpoint (all-MLA, --layout deepseek).")],
-    format: Annotated[str, typer.Option("--format", help="Target layout: deepseek (DeepseekV3ForCausalLM).")] = "deepseek",
+    format: Annotated[
+        str, typer.Option("--format", help="Target layout: deepseek (DeepseekV3ForCausalLM).")
+    ] = "deepseek",
     out: Annotated[str | None, typer.Option("-o", "--out", help="Output folder (default: CHECKPOINT-FORMAT).")] = None,
     overwrite: OverwriteOpt = False,
 ):
@@ -219,8 +245,12 @@ def export(
 @app.command()
 @with_config("cfg", DistillConfig)
 def distill(
-    student: Annotated[str, typer.Argument(help="The converted model to heal (a kvx checkpoint, or any model with --teacher).")],
-    out: Annotated[str, typer.Option("-o", "--out", help="Output folder: the healed checkpoint, metrics.jsonl, checkpoints/.")] = "",
+    student: Annotated[
+        str, typer.Argument(help="The converted model to heal (a kvx checkpoint, or any model with --teacher).")
+    ],
+    out: Annotated[
+        str, typer.Option("-o", "--out", help="Output folder: the healed checkpoint, metrics.jsonl, checkpoints/.")
+    ] = "",
     resume: Annotated[bool, typer.Option(help="Continue OUT from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start OUT over if it exists.")] = False,
     cfg: DistillConfig = None,
@@ -261,27 +291,47 @@ def eval_(
     for key in ("baseline", "model"):
         if key in result:
             r = result[key]
-            table.add_row(r["name"], f"{r['ppl']:.3f}", f"{r['kv_bytes_per_token']:.0f}", f"{r['kv_bytes_per_token_spec']:.0f}")
+            table.add_row(
+                r["name"], f"{r['ppl']:.3f}", f"{r['kv_bytes_per_token']:.0f}", f"{r['kv_bytes_per_token_spec']:.0f}"
+            )
     Console().print(table)
     if "kv_ratio" in result:
-        Console().print(f"KV ratio (baseline / model): {result['kv_ratio']:.2f}x   ppl ratio (model / baseline): {result['ppl_ratio']:.3f}")
+        Console().print(
+            f"KV ratio (baseline / model): {result['kv_ratio']:.2f}x   ppl ratio (model / baseline): "
+            f"{result['ppl_ratio']:.3f}"
+        )
     if result["model"].get("long"):
         long_table = Table(title=f"long documents: perplexity of the last {cfg.long_tail} tokens")
-        for col in ("model", "context", "docs", "tail perplexity", "KV bytes/token (measured)", "KV bytes/token (plan)"):
+        for col in (
+            "model",
+            "context",
+            "docs",
+            "tail perplexity",
+            "KV bytes/token (measured)",
+            "KV bytes/token (plan)",
+        ):
             long_table.add_column(col)
         for key in ("baseline", "model"):
             for ctx, r in result.get(key, {}).get("long", {}).items():
                 long_table.add_row(
-                    result[key]["name"], ctx, str(r["docs"]), f"{r['ppl_tail']:.3f}",
-                    f"{r['kv_bytes_per_token']:.0f}", f"{r['kv_bytes_per_token_spec']:.0f}",
+                    result[key]["name"],
+                    ctx,
+                    str(r["docs"]),
+                    f"{r['ppl_tail']:.3f}",
+                    f"{r['kv_bytes_per_token']:.0f}",
+                    f"{r['kv_bytes_per_token_spec']:.0f}",
                 )
         Console().print(long_table)
 
 
 @app.command()
 def run(
-    recipe: Annotated[str | None, typer.Argument(help="A recipe YAML file or a built-in recipe's name (see --list).")] = None,
-    out: Annotated[str, typer.Option("-o", "--out", help="Folder for every stage's output (re-running skips finished stages).")] = "",
+    recipe: Annotated[
+        str | None, typer.Argument(help="A recipe YAML file or a built-in recipe's name (see --list).")
+    ] = None,
+    out: Annotated[
+        str, typer.Option("-o", "--out", help="Folder for every stage's output (re-running skips finished stages).")
+    ] = "",
     list_: Annotated[bool, typer.Option("--list", help="List the built-in recipes and exit.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start OUT over instead of continuing it.")] = False,
 ):
@@ -303,19 +353,36 @@ def run(
         _fail("missing -o/--out: the folder for the stages' outputs")
     r = _run(load_recipe, recipe)
     with _progress() as progress:
-        result = _run(run_recipe, r, out, progress=progress, say=lambda m: console.print(m, highlight=False, markup=False), overwrite=overwrite)
+        result = _run(
+            run_recipe,
+            r,
+            out,
+            progress=progress,
+            say=lambda m: console.print(m, highlight=False, markup=False),
+            overwrite=overwrite,
+        )
     rows = result["rows"]
     table = Table(title=f"kvx run {r.name}: {result['data']} evaluation ({out}/eval.json)")
     for col in ("model", "perplexity", "KV bytes/token", "KV cut vs original"):
         table.add_column(col)
     base_kv = rows["original"]["kv_bytes_per_token"]
     for label, row in rows.items():
-        table.add_row(f"{label} ({row['name']})", f"{row['ppl']:.3f}", f"{row['kv_bytes_per_token']:.0f}", f"{base_kv / row['kv_bytes_per_token']:.2f}x")
+        table.add_row(
+            f"{label} ({row['name']})",
+            f"{row['ppl']:.3f}",
+            f"{row['kv_bytes_per_token']:.0f}",
+            f"{base_kv / row['kv_bytes_per_token']:.2f}x",
+        )
     for ctx in rows["original"].get("long", {}):  # long documents: tail perplexity at that context
         long_base = rows["original"]["long"][ctx]["kv_bytes_per_token"]
         for label, row in rows.items():
             r = row["long"][ctx]
-            table.add_row(f"{label}, {ctx}-token context (tail)", f"{r['ppl_tail']:.3f}", f"{r['kv_bytes_per_token']:.0f}", f"{long_base / r['kv_bytes_per_token']:.2f}x")
+            table.add_row(
+                f"{label}, {ctx}-token context (tail)",
+                f"{r['ppl_tail']:.3f}",
+                f"{r['kv_bytes_per_token']:.0f}",
+                f"{long_base / r['kv_bytes_per_token']:.2f}x",
+            )
     Console().print(table)
 
 
@@ -325,7 +392,9 @@ def push(
     repo: Annotated[str, typer.Option(help="Hub repository USER/NAME (created if missing).")],
     private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
     revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing; default main).")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Show the files, commit message and model card; upload nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Show the files, commit message and model card; upload nothing.")
+    ] = False,
 ):
     """Push a checkpoint and its model card (plan, eval table, distillation run) to the Hub in one commit."""
     from .hub import push as run
@@ -334,8 +403,11 @@ def push(
     if not dry_run:
         Console().print(f"pushed: {result}")
         return
-    Console().print(f"would push {len(result.files) + 1} files to {result.repo_id}" + (f"@{result.revision}" if result.revision else "")
-                    + f" ({'private' if result.private else 'public'}), commit message: {result.commit_message!r}")
+    Console().print(
+        f"would push {len(result.files) + 1} files to {result.repo_id}"
+        + (f"@{result.revision}" if result.revision else "")
+        + f" ({'private' if result.private else 'public'}), commit message: {result.commit_message!r}"
+    )
     for f in result.files + ["README.md (generated)"]:
         Console().print(f"  {f}", highlight=False)
     Console().print(result.card, markup=False, highlight=False)

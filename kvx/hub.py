@@ -13,8 +13,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-from .arch.deepseek import is_native_mla
+from .arch.deepseek import is_native_mla, native_mla_plan
 from .errors import KvxError
 from .plan import Plan
 
@@ -35,7 +36,8 @@ def model_card(base_model: str, plan: Plan, kv: dict, extra: dict | None = None)
     extra = extra or {}
     if kv["measured"] <= 0 or kv["measured"] != kv["spec"]:
         raise KvxError(
-            f"refusing to write a model card: the cache measured {kv['measured']:.0f} bytes/token, the plan says {kv['spec']:.0f}"
+            f"refusing to write a model card: the cache measured {kv['measured']:.0f} bytes/token, the plan says "
+            f"{kv['spec']:.0f}"
         )
     lines = [
         "---",
@@ -96,7 +98,8 @@ def deepseek_card(source: str, plan: Plan, config) -> str:
             f"# {plan.base_model}, converted to DeepSeek-V3 multi-head latent attention by kvx",
             "",
             f"Exported from the kvx checkpoint `{source}` ({plan.summary()}). Same function, DeepSeek-V3 layout:",
-            f"latent `kv_lora_rank={config.kv_lora_rank}`, one shared RoPE key `qk_rope_head_dim={config.qk_rope_head_dim}`",
+            f"latent `kv_lora_rank={config.kv_lora_rank}`, one shared RoPE key "
+            f"`qk_rope_head_dim={config.qk_rope_head_dim}`",
             f"(interleaved, `rope_theta={config.rope_parameters['rope_theta']:.6g}`), dense MLP in every layer",
             f"(`first_k_dense_replace={config.first_k_dense_replace}`), no q LoRA. Per token and layer the cache holds",
             f"{config.kv_lora_rank + config.qk_rope_head_dim} floats.",
@@ -170,10 +173,19 @@ def _eval_section(folder: Path) -> list[str]:
             if not rows:
                 continue
             base = rows.get("original", next(iter(rows.values())))["kv_bytes_per_token"]
-            lines = ["## Evaluation", "", f"Perplexity on {result.get('data', '?')} (`kvx eval`), same windows for every row.", "",
-                     "| model | perplexity | KV bytes/token | KV cut |", "| --- | --- | --- | --- |"]
+            lines = [
+                "## Evaluation",
+                "",
+                f"Perplexity on {result.get('data', '?')} (`kvx eval`), same windows for every row.",
+                "",
+                "| model | perplexity | KV bytes/token | KV cut |",
+                "| --- | --- | --- | --- |",
+            ]
             for label, row in rows.items():
-                lines.append(f"| {label} | {row['ppl']:.3f} | {row['kv_bytes_per_token']:.0f} | {base / row['kv_bytes_per_token']:.2f}x |")
+                lines.append(
+                    f"| {label} | {row['ppl']:.3f} | {row['kv_bytes_per_token']:.0f} | "
+                    f"{base / row['kv_bytes_per_token']:.2f}x |"
+                )
             return lines + [""]
     return []
 
@@ -185,31 +197,40 @@ def _distill_section(folder: Path, config: dict) -> list[str]:
         return []
     lines = ["## Distillation", ""]
     if run:
-        lines.append(f"{run['tokens']} tokens of {run['data']} from teacher `{run['teacher']}`, loss {run['loss']}, trained {run['train']}.")
+        lines.append(
+            f"{run['tokens']} tokens of {run['data']} from teacher `{run['teacher']}`, loss {run['loss']}, trained "
+            f"{run['train']}."
+        )
     if summary_path.is_file():
         s = json.loads(summary_path.read_text())
         if "ppl_after" in s:
             lines.append(
-                f"Perplexity {s['ppl_before']:.3f} before, {s['ppl_after']:.3f} after (teacher {s['ppl_teacher']:.3f}); "
+                f"Perplexity {s['ppl_before']:.3f} before, {s['ppl_after']:.3f} after (teacher "
+                f"{s['ppl_teacher']:.3f}); "
                 f"{s['steps']} steps in {s['seconds']:.0f} s."
             )
     return lines + [""]
 
 
 def hub_card(folder: Path, repo_id: str | None = None) -> str:
-    """The pushed README.md: the folder's own card with Hub metadata (ModelCardData), the eval table and the distillation run."""
+    """The pushed README.md: the folder's own card with Hub metadata (ModelCardData), the eval table and the "
+    "distillation run."""
     from huggingface_hub import ModelCard, ModelCardData
 
     config = json.loads((folder / "config.json").read_text())
     meta, body = _read_card(folder / "README.md")
     base = meta.get("base_model") or (config.get("kvx") or {}).get("base_model")
     plan = config.get("kvx")
-    tags = plan_tags(Plan.from_dict(plan)) if plan else ["kvx", "kv-cache-compression"]
-    if is_native_mla(config):
-        tags += ["mla", config["model_type"]]
+    if is_native_mla(config):  # a DeepSeek-V3 export: its cache is a plan of MLA layers
+        tags = plan_tags(native_mla_plan(SimpleNamespace(**config))) + [config["model_type"]]
+    else:
+        tags = plan_tags(Plan.from_dict(plan)) if plan else ["kvx", "kv-cache-compression"]
     data = ModelCardData(
-        base_model=base, license=meta.get("license") or base_license(base), library_name="transformers",
-        tags=list(dict.fromkeys(tags)), pipeline_tag="text-generation",
+        base_model=base,
+        license=meta.get("license") or base_license(base),
+        library_name="transformers",
+        tags=list(dict.fromkeys(tags)),
+        pipeline_tag="text-generation",
     )
     extra = _eval_section(folder) + _distill_section(folder, config)
     body = body.strip() + ("\n\n" + "\n".join(extra) if extra else "") + "\n"
@@ -228,7 +249,8 @@ def upload_plan(folder: str | Path, repo_id: str, private: bool = False, revisio
     if not REPO_ID.match(repo_id):
         raise KvxError(f"--repo {repo_id!r} must look like USER/NAME")
     files = sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*")
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
         if p.is_file() and not str(p.relative_to(folder)).startswith(SKIPPED) and p.name != "README.md"
     )
     config = json.loads((folder / "config.json").read_text())
@@ -258,7 +280,9 @@ def execute(plan: UploadPlan) -> str:
     except Exception as e:
         if not _is_network_error(e):
             raise
-        raise KvxError(f"could not reach the Hub ({type(e).__name__}: {e}): check the network, or HF_ENDPOINT") from None
+        raise KvxError(
+            f"could not reach the Hub ({type(e).__name__}: {e}): check the network, or HF_ENDPOINT"
+        ) from None
     return getattr(info, "commit_url", str(info))
 
 

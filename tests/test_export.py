@@ -10,11 +10,11 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import kvx
+from kvx.convert import convert
 from kvx.errors import KvxError
-from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
+from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.export import export_checkpoint
 from kvx.modeling.kvx_common import cache_kwargs
-from kvx.convert import convert
 
 from .conftest import tiny_model
 from .test_mla import SMALL, _ids
@@ -92,7 +92,11 @@ def test_deepseek_export_matches_kvx_runtime(family, select, tmp_path, tokenizer
     assert_close(got, want, atol=1e-4, rtol=0)
     # transformers' DeepSeek caches the latent + shared RoPE key: the same bytes as kvx's cache and plan
     probe = ids[:1]
-    assert kv_bytes_per_token(native, probe) == kv_bytes_per_token(conv, probe) == kv_bytes_per_token_spec(native, probe.shape[1])
+    assert (
+        kv_bytes_per_token(native, probe)
+        == kv_bytes_per_token(conv, probe)
+        == kv_bytes_per_token_spec(native, probe.shape[1])
+    )
 
 
 def test_deepseek_export_of_smollm2(smollm2_dir, tmp_path, tokenizer):
@@ -131,8 +135,12 @@ def test_deepseek_export_refuses_rope_scaling(tmp_path, tokenizer):
     """Llama 3's frequency-dependent RoPE scaling has no DeepSeek equivalent: refused before any work."""
     model = tiny_model("llama")
     model.config.rope_parameters = {
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
     }
     model.save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 
 import kvx
 from kvx.arch import get_adapter
+from kvx.convert import convert
 from kvx.data import token_windows
-from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
+from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.modeling.kvx_common import cache_kwargs, output_cache
 from kvx.modeling.kvx_mla import MLAAttention, MLACacheLayer, MLASlidingCacheLayer
-from kvx.convert import convert
 from kvx.plan import FullSpec, MLASpec, Plan
 
 from .conftest import FAMILIES
@@ -39,10 +39,20 @@ def _decode_matches(base, conv, ids, steps=6, atol=1e-4):
     cb, cc = new_cache(base), new_cache(conv)
     with torch.no_grad():
         prompt = ids[:, :-steps]
-        assert_close(conv(prompt, **cache_kwargs(conv, cc)).logits, base(prompt, **cache_kwargs(base, cb)).logits, atol=atol, rtol=0)
+        assert_close(
+            conv(prompt, **cache_kwargs(conv, cc)).logits,
+            base(prompt, **cache_kwargs(base, cb)).logits,
+            atol=atol,
+            rtol=0,
+        )
         for t in range(ids.shape[1] - steps, ids.shape[1]):
             step = ids[:, t : t + 1]
-            assert_close(conv(step, **cache_kwargs(conv, cc)).logits, base(step, **cache_kwargs(base, cb)).logits, atol=atol, rtol=0)
+            assert_close(
+                conv(step, **cache_kwargs(conv, cc)).logits,
+                base(step, **cache_kwargs(base, cb)).logits,
+                atol=atol,
+                rtol=0,
+            )
     return cc
 
 

@@ -7,12 +7,13 @@ import pytest
 from kvx.data import load_text, token_windows
 from kvx.errors import KvxError
 from kvx.loading import resolve
-from kvx.plan import parse_layers
-from kvx.plan import CacheGeometry, FullSpec, MLASpec, Plan
+from kvx.plan import CacheGeometry, FullSpec, MLASpec, Plan, parse_layers
 
 
 def _plan():
-    return Plan([FullSpec(), MLASpec(60, 36), MLASpec(30, 18, "high")], "some/base", {"conversion": {"calib": "bundled"}})
+    return Plan(
+        [FullSpec(), MLASpec(60, 36), MLASpec(30, 18, "high")], "some/base", {"conversion": {"calib": "bundled"}}
+    )
 
 
 def test_plan_yaml_round_trip(tmp_path):

@@ -12,14 +12,14 @@ from transformers import AutoModelForCausalLM
 
 import kvx
 from kvx.arch import get_adapter
-from kvx.methods.mla.maths import output_spectrum
-from kvx.errors import KvxError
-from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from kvx.convert import convert
-from kvx.profile import profile
+from kvx.errors import KvxError
+from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from kvx.methods.mla.maths import output_spectrum
 from kvx.plan import MLASpec, Plan
-from kvx.profile.collect import cross_scale_similarity
-from kvx.profile.metrics import attention_chunks, energy_ranks, lazy_mass, topk_recall
+from kvx.profile import profile
+from kvx.measure.attention import cross_scale_similarity
+from kvx.measure.metrics import attention_chunks, energy_ranks, lazy_mass, topk_recall
 from kvx.profile.suggest import suggest_plan
 
 from .conftest import tiny_model
@@ -44,7 +44,7 @@ def test_attention_on_sinks_only_has_lazy_ratio_one():
 def test_uniform_attention_lazy_mass_is_the_share_of_kept_keys():
     t = 40
     q, k = torch.zeros(1, 1, t, 4), torch.zeros(1, 1, t, 4)  # all scores equal: uniform rows
-    (c0, probs), = list(attention_chunks(q, k, 1.0, chunk=t))
+    ((c0, probs),) = list(attention_chunks(q, k, 1.0, chunk=t))
     mass, n = lazy_mass(probs, c0, sink=2, window=5)
     expected = sum(7 / (pos + 1) for pos in range(7, t))
     assert n == t - 7
@@ -171,7 +171,10 @@ def test_streaming_plan_from_profile_converts(tiny_dir, tmp_path):
     laziest = max(range(3), key=lambda i: report["layers"][i]["lazy_ratio"])
     assert kinds[laziest] == "streaming"
     convert(str(src), tmp_path / "out", plan=tmp_path / "prof" / "plan.yaml", calib_tokens=1024, calib_seq_len=128)
-    assert Plan.from_config(kvx.load(str(tmp_path / "out")).config).layers == Plan.load(tmp_path / "prof" / "plan.yaml").layers
+    assert (
+        Plan.from_config(kvx.load(str(tmp_path / "out")).config).layers
+        == Plan.load(tmp_path / "prof" / "plan.yaml").layers
+    )
 
 
 def test_reference_with_another_tokenizer_is_refused(tiny_dir, tmp_path, smollm2_dir):

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
+from kvx.convert import convert
 from kvx.errors import KvxError
 from kvx.hub import execute, upload_plan
-from kvx.convert import convert
 
 from .test_mla import SMALL
 
@@ -19,7 +19,10 @@ def run_dir(tiny_dir, tmp_path):
     """A converted tiny model laid out like `kvx run` leaves it (eval.json beside the checkpoint)."""
     ckpt = tmp_path / "run" / "converted"
     convert(str(tiny_dir("llama")), ckpt, kv_rank=24, rope_dims=8, **SMALL)
-    rows = {"original": {"ppl": 10.0, "kv_bytes_per_token": 1536.0}, "converted": {"ppl": 12.5, "kv_bytes_per_token": 384.0}}
+    rows = {
+        "original": {"ppl": 10.0, "kv_bytes_per_token": 1536.0},
+        "converted": {"ppl": 12.5, "kv_bytes_per_token": 384.0},
+    }
     (tmp_path / "run" / "eval.json").write_text(json.dumps({"recipe": "t", "data": "bundled", "rows": rows}))
     (ckpt / "checkpoints" / "step-1").mkdir(parents=True)  # training state: stays local
     (ckpt / "checkpoints" / "step-1" / "optimizer.bin").write_bytes(b"x")

@@ -11,13 +11,14 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 import kvx
-from kvx.data import token_windows
-from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from kvx.convert import convert
+from kvx.data import token_windows
+from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 
 from .helpers import reload_without_kvx
 
 pytestmark = [pytest.mark.real, pytest.mark.runtime]
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, smollm2_dir):
@@ -37,12 +38,20 @@ def test_full_rank_conversion_is_lossless_and_generates_the_same(converted, smol
     b = conv.generate(prompt, max_new_tokens=20, do_sample=False)
     assert torch.equal(a, b)
     one = ids[:1]
-    assert kv_bytes_per_token(conv, one) == kv_bytes_per_token_spec(conv, one.shape[-1]) == kv_bytes_per_token(base, one)
+    assert (
+        kv_bytes_per_token(conv, one) == kv_bytes_per_token_spec(conv, one.shape[-1]) == kv_bytes_per_token(base, one)
+    )
 
 
 def test_checkpoint_files_and_reload_without_kvx(converted, tokenizer):
     files = {p.name for p in Path(converted).iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "modeling_kvx.py", "README.md"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "modeling_kvx.py",
+        "README.md",
+    } <= files
     assert "tokenizer.json" in files
     index = json.loads((converted / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) <= files

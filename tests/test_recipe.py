@@ -28,7 +28,10 @@ def test_builtin_recipes_are_valid():
         ({"name": "x", "eval": {"long": [2048, "x"]}}, r"eval.long"),
         ({"name": "x", "convert": {"plan": "profile"}}, "no profile stage"),
         ({"name": "x", "convert": {"plan": "missing.yaml"}}, "plan file .* not found"),
-        ({"name": "x", "convert": {"to": "lckv"}}, r"convert: --to 'lckv' is not implemented yet \(available: mla, streaming"),
+        (
+            {"name": "x", "convert": {"to": "lckv"}},
+            r"convert: --to 'lckv' is not implemented yet \(available: mla, streaming",
+        ),
         ({"name": "x", "convert": {"to": "mla", "sink": 4}}, "--sink is an option of streaming, not of --to mla"),
         ({"name": "x", "convert": {"to": "mla(kv_rank=8", "sink": 4}}, "bad spec"),
         ({"name": "x", "distill": {"tokens": 10}}, "less than one optimizer step"),
@@ -53,8 +56,14 @@ def test_run_recipe_end_to_end_and_resume(tiny_dir, tmp_path):
     body = {
         "name": "tiny",
         "model": str(src),
-        "profile": {"tokens": 512, "seq_len": 128, "target_kv_ratio": 2.0, "streaming": True, "window": 32,
-                    "lazy_threshold": 0.0},  # random weights are not lazy: let the laziest layer stream anyway
+        "profile": {
+            "tokens": 512,
+            "seq_len": 128,
+            "target_kv_ratio": 2.0,
+            "streaming": True,
+            "window": 32,
+            "lazy_threshold": 0.0,
+        },  # random weights are not lazy: let the laziest layer stream anyway
         "convert": {"plan": "profile", "calib_tokens": 512},
         "distill": {"tokens": 1024, "seq_len": 64, "batch_size": 4, "save_every": 1, "lr": 1e-3},
         "eval": {"max_tokens": 512, "seq_len": 128},
@@ -65,7 +74,13 @@ def test_run_recipe_end_to_end_and_resume(tiny_dir, tmp_path):
     out = tmp_path / "run"
     said: list[str] = []
     result = run_recipe(recipe, out, say=said.append)
-    for stage in ("profile/report.json", "profile/plan.yaml", "converted/config.json", "healed/distill_summary.json", "eval.json"):
+    for stage in (
+        "profile/report.json",
+        "profile/plan.yaml",
+        "converted/config.json",
+        "healed/distill_summary.json",
+        "eval.json",
+    ):
         assert (out / stage).exists(), stage
     rows = result["rows"]
     assert set(rows) == {"original", "converted", "healed"}

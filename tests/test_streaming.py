@@ -8,14 +8,14 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 import kvx
+from kvx.convert import convert
+from kvx.convert.config import layer_fraction, top_layers
 from kvx.errors import KvxError
-from kvx.eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
+from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
+from kvx.methods import get_method
 from kvx.modeling.kvx_common import cache_kwargs, output_cache
 from kvx.modeling.kvx_mla import MLAAttention
 from kvx.modeling.kvx_streaming import StreamingAttention, StreamingCacheLayer
-from kvx.convert import convert
-from kvx.convert.config import layer_fraction, top_layers
-from kvx.methods import get_method
 from kvx.plan import FullSpec, MLASpec, Plan, StreamingSpec
 
 from .helpers import reload_without_kvx
@@ -38,8 +38,16 @@ def _reference_streaming(base, ids, sink, window, layers):
     def forward_for(attn):
         def forward(hidden_states, position_embeddings=None, **kwargs):
             q, k, v = project_qkv(
-                attn.q_proj, attn.k_proj, attn.v_proj, a.q_norm(attn), a.k_norm(attn), hidden_states,
-                *position_embeddings, a.n_heads, a.n_kv_heads, a.head_dim,
+                attn.q_proj,
+                attn.k_proj,
+                attn.v_proj,
+                a.q_norm(attn),
+                a.k_norm(attn),
+                hidden_states,
+                *position_embeddings,
+                a.n_heads,
+                a.n_kv_heads,
+                a.head_dim,
             )
             g = a.n_heads // a.n_kv_heads
             scores = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * attn.scaling
@@ -112,7 +120,11 @@ def test_hybrid_plan_converts_reloads_without_kvx_and_generates(tiny_dir, tmp_pa
     out = tmp_path / "hybrid"
     convert(str(src), out, plan=plan, calib_tokens=1024, calib_seq_len=128)
     conv = kvx.load(str(out))
-    assert [type(layer.self_attn).__name__ for layer in conv.model.layers] == ["MLAAttention", "StreamingAttention", "Qwen2Attention"]
+    assert [type(layer.self_attn).__name__ for layer in conv.model.layers] == [
+        "MLAAttention",
+        "StreamingAttention",
+        "Qwen2Attention",
+    ]
     ids = tokenizer("And it came to pass in those days, that there went out a decree", return_tensors="pt").input_ids
     assert kv_bytes_per_token(conv, ids) == kv_bytes_per_token_spec(conv, ids.shape[-1])
     local = conv.generate(ids, max_new_tokens=6, do_sample=False)[0].tolist()
@@ -135,7 +147,9 @@ def test_auto_picks_the_laziest_layers(tiny_dir, tmp_path):
     plan = Plan.from_config(kvx.load(str(out)).config)
     lazy = plan.meta["lazy_ratio"]
     streaming = [i for i, s in enumerate(plan.layers) if isinstance(s, StreamingSpec)]
-    assert len(streaming) == 2 and min(lazy[i] for i in streaming) >= max(lazy[i] for i in range(3) if i not in streaming)
+    assert len(streaming) == 2 and min(lazy[i] for i in streaming) >= max(
+        lazy[i] for i in range(3) if i not in streaming
+    )
 
 
 def test_streaming_refused_on_local_window_layers(tiny_dir, tmp_path):
@@ -155,14 +169,18 @@ def test_eval_long_context_reports_tail_perplexity_and_capped_cache(tiny_dir, tm
     for i, word in enumerate(("alpha beta gamma delta ", "one two three four five ")):
         (docs / f"{i}.txt").write_text(word * 60)
     (docs / "short.txt").write_text("too short")
-    result = evaluate(str(out), str(src), data=str(docs), max_tokens=256, seq_len=64, long=[200], long_tail=50, long_docs=5)
+    result = evaluate(
+        str(out), str(src), data=str(docs), max_tokens=256, seq_len=64, long=[200], long_tail=50, long_docs=5
+    )
     row, base = result["model"]["long"]["200"], result["baseline"]["long"]["200"]
     assert row["docs"] == base["docs"] == 2 and row["tail"] == 50
     assert row["kv_bytes_per_token"] == row["kv_bytes_per_token_spec"]
     full_layer = 2 * 2 * 16 * 4  # bytes per token of one full layer (float32)
     assert base["kv_bytes_per_token"] == 3 * full_layer
     assert row["kv_bytes_per_token"] == pytest.approx((full_layer * 200 + 2 * full_layer * 14) / 200)
-    assert result["long_context"]["200"]["kv_ratio"] == pytest.approx(base["kv_bytes_per_token"] / row["kv_bytes_per_token"])
+    assert result["long_context"]["200"]["kv_ratio"] == pytest.approx(
+        base["kv_bytes_per_token"] / row["kv_bytes_per_token"]
+    )
     assert row["ppl_tail"] > 1 and base["ppl_tail"] > 1
     with pytest.raises(KvxError, match="has 510 tokens"):
         evaluate(str(out), None, data=str(docs), max_tokens=256, seq_len=64, long=[510], long_tail=50)

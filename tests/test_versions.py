@@ -17,13 +17,13 @@ from packaging.version import Version
 from torch.testing import assert_close
 
 import kvx
+from kvx.convert import convert
 from kvx.errors import KvxError
 from kvx.eval import evaluate_model
-from kvx.eval.kv import kv_bytes_per_token, new_cache
+from kvx.measure.kv import kv_bytes_per_token, new_cache
 from kvx.hub import model_card
 from kvx.loading import cache_root
 from kvx.modeling.kvx_common import cache_kwargs
-from kvx.convert import convert
 from kvx.plan import FullSpec, MLASpec, Plan, StreamingSpec
 
 from .helpers import declared_transformers_range, reload_without_kvx
@@ -39,7 +39,7 @@ def test_installed_transformers_is_inside_the_declared_range():
     assert oldest <= Version(transformers.__version__) <= newest
 
 
-def _transformers_at(version: Version) -> "os.PathLike | None":
+def _transformers_at(version: Version) -> os.PathLike | None:
     """A folder holding only ``transformers==version`` (no deps: the rest of this environment
     already satisfies both ends), to put in front of ``PYTHONPATH``; None for the installed one."""
     if Version(transformers.__version__) == version:
@@ -50,7 +50,9 @@ def _transformers_at(version: Version) -> "os.PathLike | None":
         tmp = tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent)
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tmp, f"transformers=={version}"]
         proc = subprocess.run(pip, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"could not fetch transformers {version} from the package index: {proc.stderr[-1000:]}"
+        assert proc.returncode == 0, (
+            f"could not fetch transformers {version} from the package index: {proc.stderr[-1000:]}"
+        )
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return target

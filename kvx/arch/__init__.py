@@ -23,9 +23,7 @@ def get_adapter(config) -> ArchAdapter:
             adapter = cls(config)
             adapter.check_supported()
             return adapter
-    raise KvxError(
-        f"model family {model_type!r} is not supported (supported: {', '.join(supported_model_types())})"
-    )
+    raise KvxError(f"model family {model_type!r} is not supported (supported: {', '.join(supported_model_types())})")
 
 
 __all__ = ["ArchAdapter", "AttentionWeights", "get_adapter", "supported_model_types"]

@@ -102,7 +102,12 @@ class ArchAdapter:
             return None if name not in state else state[name].detach().float()
 
         return AttentionWeights(
-            t("q_proj.weight"), t("k_proj.weight"), t("v_proj.weight"), t("q_proj.bias"), t("k_proj.bias"), t("v_proj.bias")
+            t("q_proj.weight"),
+            t("k_proj.weight"),
+            t("v_proj.weight"),
+            t("q_proj.bias"),
+            t("k_proj.bias"),
+            t("v_proj.bias"),
         )
 
     def lora_targets(self) -> list[str]:
@@ -124,8 +129,17 @@ class ArchAdapter:
         from ..modeling.kvx_common import project_qkv
 
         return project_qkv(
-            attn.q_proj, attn.k_proj, attn.v_proj, self.q_norm(attn), self.k_norm(attn), x, cos, sin,
-            self.n_heads, self.n_kv_heads, self.head_dim,
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            self.q_norm(attn),
+            self.k_norm(attn),
+            x,
+            cos,
+            sin,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
         )
 
     def native_sliding_config(self, layer_types: list[str], window: int):
@@ -158,7 +172,9 @@ class ArchAdapter:
         per-head norms) cannot express this family, or None when it can."""
         if self.has_qk_norm:
             return f"{self.family} RMS-normalises keys per head"
-        if any(self.sliding_window(i) for i in range(self.n_layers)) or getattr(self.config, "use_sliding_window", False):
+        if any(self.sliding_window(i) for i in range(self.n_layers)) or getattr(
+            self.config, "use_sliding_window", False
+        ):
             return f"this {self.family} model has sliding-window layers"
         rope = dict(getattr(self.config, "rope_parameters", None) or {})
         if rope.get("rope_type", "default") != "default":

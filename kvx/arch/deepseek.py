@@ -22,4 +22,6 @@ def native_mla_plan(config) -> Plan:
 
 
 def native_mla_geometry(config) -> CacheGeometry:
-    return CacheGeometry(n_kv_heads=config.num_key_value_heads, head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim)
+    return CacheGeometry(
+        n_kv_heads=config.num_key_value_heads, head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim
+    )

@@ -31,7 +31,7 @@ def assemble(base_model, plan: Plan, outputs: dict[int, LayerOutput], adapter, m
     state = {k: v for k, v in base_state.items() if not k.startswith(tuple(prefixes.values()))}
     for i, out in outputs.items():
         prefix, kind = prefixes[i], plan.layers[i].kind
-        base_keys = {k[len(prefix):] for k in base_state if k.startswith(prefix)}
+        base_keys = {k[len(prefix) :] for k in base_state if k.startswith(prefix)}
         silent = sorted(base_keys - set(out.state) - set(out.dropped))
         if silent:
             raise RuntimeError(f"layer {i}: the {kind} conversion drops {silent} without saying why")
@@ -41,7 +41,9 @@ def assemble(base_model, plan: Plan, outputs: dict[int, LayerOutput], adapter, m
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise RuntimeError(f"the converted model does not fit its runtime: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"the converted model does not fit its runtime: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.load_state_dict(state, strict=True)
     model.tie_weights()
     return model.eval()
@@ -54,7 +56,9 @@ def convert_layers(base_model, plan: Plan, adapter, stats: dict, on_layer=None) 
     outputs = {}
     for i, spec in enumerate(plan.layers):
         state = adapter.attention_state(base_model, i)
-        layer = LayerInput(i, state, adapter.attention_weights(state), adapter, adapter.k_norm_weight(state), stats.get(i))
+        layer = LayerInput(
+            i, state, adapter.attention_weights(state), adapter, adapter.k_norm_weight(state), stats.get(i)
+        )
         outputs[i] = method_of(spec).convert_layer(spec, layer)
         if on_layer:
             on_layer(1)

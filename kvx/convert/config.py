@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import accepts, config_fields, opt, type_name
 from ..errors import KvxError
-from ..methods import get_method, shortcut_options
+from ..methods import DEFAULT_TARGET, get_method, shortcut_options
 from ..plan import parse_spec
 
 
@@ -21,14 +21,17 @@ class ConvertConfig:
     (``--kv-rank 60``, ``--sink 4``): the CLI and recipes fill it from their own keys."""
 
     to: str = opt(
-        "mla", "Target spec for the chosen layers: a kind (mla, streaming) or a spec like 'mla(kv_rank=60, rope_dims=36)'."
+        DEFAULT_TARGET,
+        "Target spec for the chosen layers: a kind (mla, streaming) or a spec like 'mla(kv_rank=60, rope_dims=36)'.",
     )
     layers: str | None = opt(
         None,
         "Layers to convert, e.g. '0-9,20' (default: all, or 'auto' where the method picks its own); "
         "'auto' or a fraction like 0.25 lets a method with a layer score (streaming: the laziest) choose.",
     )
-    plan: str | None = opt(None, "A per-layer plan (plan.yaml from kvx profile) instead of --to/--layers and the options.")
+    plan: str | None = opt(
+        None, "A per-layer plan (plan.yaml from kvx profile) instead of --to/--layers and the options."
+    )
     calib: str = opt("bundled", "Calibration text (as --data), or 'none' for weights-only conversion.")
     calib_tokens: int = opt(16384, "Calibration tokens.")
     calib_seq_len: int = opt(512, "Calibration window length (tokens).")
@@ -64,15 +67,15 @@ class ConvertConfig:
     def check(self) -> None:
         """What can be checked without the model: the spec's syntax, its kind, who owns each option."""
         if self.plan is not None:
-            given = sorted("--" + k.replace("_", "-") for k, v in self.options.items() if v is not None)
-            if self.layers is not None or self.to != "mla" or given:
-                extra = ", ".join(["--to"] * (self.to != "mla") + ["--layers"] * (self.layers is not None) + given)
-                raise KvxError(f"--plan sets every layer: drop {extra}")
+            given = ["--to"] * (self.to != DEFAULT_TARGET) + ["--layers"] * (self.layers is not None)
+            given += sorted("--" + k.replace("_", "-") for k, v in self.options.items() if v is not None)
+            if given:
+                raise KvxError(f"--plan sets every layer: drop {', '.join(given)}")
             return
         self.target()
 
     @classmethod
-    def from_mapping(cls, data: dict, where: str) -> "ConvertConfig":
+    def from_mapping(cls, data: dict, where: str) -> ConvertConfig:
         """A recipe's ``convert:`` mapping: this config's keys, plus the methods' shortcut keys."""
         owners = shortcut_options()
         own = {f.name: hint for f, hint in config_fields(cls) if f.name != "options"}
@@ -99,7 +102,7 @@ class ConvertConfig:
         return config
 
     @classmethod
-    def make(cls, **kwargs) -> "ConvertConfig":
+    def make(cls, **kwargs) -> ConvertConfig:
         """From keyword arguments that mix this config's fields and shortcut options (library use)."""
         names = {f.name for f in dataclasses.fields(cls)}
         options = {**kwargs.pop("options", {}), **{k: kwargs.pop(k) for k in list(kwargs) if k not in names}}

@@ -13,10 +13,10 @@ from ..calibration import collect_stats
 from ..checkpoint import check_output, save_checkpoint
 from ..data import token_windows
 from ..errors import KvxError
-from ..eval.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from ..export import check_export, run_export
 from ..hub import model_card
 from ..loading import load_model
+from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from ..methods import get_method, method_of
 from ..plan import FullSpec, Plan, parse_layers, spec_string
 from ..progress import Progress, no_progress
@@ -36,7 +36,9 @@ def _plan_from_target(cfg: ConvertConfig, base, tokenizer, adapter, name, progre
         chosen = set(parse_layers(cfg.layers, adapter.n_layers))
     else:
         if tokenizer is None:
-            raise KvxError(f"choosing layers by {method.layer_score} needs text, and the model has no tokenizer: list the layers")
+            raise KvxError(
+                f"choosing layers by {method.layer_score} needs text, and the model has no tokenizer: list the layers"
+            )
         scores = LAYER_SCORES[method.layer_score](base, tokenizer, adapter, spec, cfg, progress)
         chosen = set(top_layers(scores, fraction))
         meta[method.layer_score] = [round(x, 4) for x in scores]
@@ -104,10 +106,16 @@ def convert(
     calib_layers = sorted(i for i, n in needs.items() if "calibration" in n)
     if calib_layers:
         if tokenizer is None:
-            raise KvxError(f"{model} has no tokenizer, which calibration needs: copy the base model's tokenizer files or pass --calib none")
+            raise KvxError(
+                f"{model} has no tokenizer, which calibration needs: copy the base model's tokenizer files or pass "
+                "--calib none"
+            )
         windows = token_windows(tokenizer, cfg.calib, "calib", cfg.calib_tokens, cfg.calib_seq_len)
         stats = collect_stats(base, adapter, windows, calib_layers, on_batch=progress("calibrating", windows.numel()))
-    plan.meta["conversion"] = {"calib": cfg.calib if calib_layers else "none", "calib_tokens": cfg.calib_tokens if calib_layers else 0}
+    plan.meta["conversion"] = {
+        "calib": cfg.calib if calib_layers else "none",
+        "calib_tokens": cfg.calib_tokens if calib_layers else 0,
+    }
     plan.meta["source"] = str(Path(model).resolve()) if Path(model).exists() else model  # the default teacher
     converted, outputs = convert_model(base, plan, stats, on_layer=progress("converting layers", adapter.n_layers))
 
@@ -128,11 +136,16 @@ def convert(
         extra[f"mean {key}"] = f"{sum(values) / len(values):.4f}"
     notes = []
     if tokenizer is None:
-        notes.append(f"{model} has no tokenizer: none was copied into {out}; add the base model's tokenizer files before evaluating")
+        notes.append(
+            f"{model} has no tokenizer: none was copied into {out}; add the base model's tokenizer files before "
+            "evaluating"
+        )
         extra["tokenizer"] = "none (the source folder has none)"
     converted.generation_config = base.generation_config
     save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
     result = {"out": str(out), "plan": plan, "kv": kv, "figures": figures, "notes": notes}
     if exporter is not None:
-        result[cfg.export] = str(run_export(exporter, base, converted, tokenizer, adapter, plan, export_out, str(out), overwrite))
+        result[cfg.export] = str(
+            run_export(exporter, base, converted, tokenizer, adapter, plan, export_out, str(out), overwrite)
+        )
     return result

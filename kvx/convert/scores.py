@@ -6,12 +6,21 @@ from ..data import token_windows
 from ..errors import KvxError
 
 
-def lazy_ratios(model, tokenizer, adapter, data: str, sink: int, window: int, tokens: int = 8192,
-                seq_len: int | None = None, progress=None) -> list[float]:
+def lazy_ratios(
+    model,
+    tokenizer,
+    adapter,
+    data: str,
+    sink: int,
+    window: int,
+    tokens: int = 8192,
+    seq_len: int | None = None,
+    progress=None,
+) -> list[float]:
     """Each layer's lazy ratio on DATA's calibration part, in windows of ``seq_len`` tokens
     (default ``2 x (sink + window + 1)``, within the model's positions). On SmolLM2 the
     ranking at 8192 tokens was nearly the same as at 2050, at six times the cost."""
-    from ..profile.collect import ProfileSettings, run_profile
+    from ..measure.attention import ProfileSettings, run_profile
 
     seq_len = min(seq_len or 2 * (sink + window + 1), getattr(model.config, "max_position_embeddings", 1 << 30))
     if seq_len <= sink + window:
@@ -28,5 +37,6 @@ def _lazy_ratio(model, tokenizer, adapter, spec, cfg, progress) -> list[float]:
     return lazy_ratios(model, tokenizer, adapter, data, spec.sink, spec.window, progress=progress)
 
 
-# score name (a Method's ``layer_score``) -> (model, tokenizer, adapter, spec, ConvertConfig, progress) -> per-layer scores
+# score name (a Method's ``layer_score``) ->
+#   (model, tokenizer, adapter, spec, ConvertConfig, progress) -> one score per layer
 LAYER_SCORES = {"lazy_ratio": _lazy_ratio}

@@ -7,6 +7,13 @@ from .losses import LOSSES, distill_loss, kl_loss
 from .run import distill
 
 __all__ = [
-    "LOSSES", "SEED_PROMPTS", "DistillConfig", "distill", "distill_loss", "kl_loss", "run_distill", "select_trainable",
+    "LOSSES",
+    "SEED_PROMPTS",
+    "DistillConfig",
+    "distill",
+    "distill_loss",
+    "kl_loss",
+    "run_distill",
+    "select_trainable",
     "training_windows",
 ]

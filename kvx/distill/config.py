@@ -14,7 +14,9 @@ TRAIN_MODES = ("converted", "all", "lora")
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: str | None = opt(None, "Teacher (default: the model STUDENT was converted from); same tokenizer.")
-    data: str = opt("bundled", "Training text: 'bundled', a file/folder, hf:NAME, or 'teacher' (text the teacher writes).")
+    data: str = opt(
+        "bundled", "Training text: 'bundled', a file/folder, hf:NAME, or 'teacher' (text the teacher writes)."
+    )
     tokens: int = opt(262_144, "Training tokens.")
     seq_len: int = opt(256, "Sequence length.")
     batch_size: int = opt(4, "Sequences per batch (per process).")

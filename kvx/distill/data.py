@@ -35,7 +35,12 @@ def teacher_windows(teacher, tokenizer, n_tokens: int, seq_len: int, seed: int =
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(teacher.device)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         seq = teacher.generate(
-            ids, do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len,
+            ids,
+            do_sample=True,
+            top_p=0.95,
+            temperature=1.0,
+            max_new_tokens=seq_len,
+            min_new_tokens=seq_len,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )[0]
         out.append(seq[:seq_len].cpu())

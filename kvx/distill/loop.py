@@ -18,9 +18,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import KvxError
-from ..eval.perplexity import perplexity
+from ..measure.perplexity import perplexity
 from .config import DistillConfig
 from .losses import distill_loss
+
 
 def with_lora(model, targets: list[str], rank: int):
     """Wrap ``model`` with peft LoRA adapters on ``targets`` (merged back at the end)."""
@@ -35,7 +36,9 @@ def converted_parameter_names(model, plan, adapter) -> list[str]:
     from ..methods import method_of
 
     wanted = tuple(
-        f"{adapter.attention_prefix(i)}{module}." for i, spec in enumerate(plan.layers) for module in method_of(spec).trainable(spec)
+        f"{adapter.attention_prefix(i)}{module}."
+        for i, spec in enumerate(plan.layers)
+        for module in method_of(spec).trainable(spec)
     )
     # peft wraps the model (``base_model.model.`` in front), so a name contains the path rather than starts with it
     return [n for n, _ in model.named_parameters() if any(w in n for w in wanted)]
@@ -59,7 +62,15 @@ def _latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def run_distill(
-    student, teacher, windows, eval_windows, cfg: DistillConfig, out: Path, plan, adapter, resume: bool = False,
+    student,
+    teacher,
+    windows,
+    eval_windows,
+    cfg: DistillConfig,
+    out: Path,
+    plan,
+    adapter,
+    resume: bool = False,
     progress=None,
 ) -> dict:
     """Train ``student`` towards ``teacher`` on ``windows`` ([n, seq_len]); logs and checkpoints in ``out``."""
@@ -121,7 +132,9 @@ def run_distill(
         record["tokens_per_s"] = tokens_since / max(time.perf_counter() - t0, 1e-9)
         if cfg.eval_every and step % cfg.eval_every == 0 and eval_windows is not None:
             student.eval()
-            last_ppl = record["eval_ppl"] = perplexity(accelerator.unwrap_model(student), eval_windows.to(accelerator.device))
+            last_ppl = record["eval_ppl"] = perplexity(
+                accelerator.unwrap_model(student), eval_windows.to(accelerator.device)
+            )
             student.train()
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:

@@ -16,7 +16,9 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(s.flatten(0, -2), p.flatten(0, -2), log_target=True, reduction="batchmean") * t * t
 
 
-def distill_loss(kind: str, student_out, teacher_out, input_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict]:
+def distill_loss(
+    kind: str, student_out, teacher_out, input_ids: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, dict]:
     """The training loss for ``kind`` and its parts (for the log)."""
     kl = kl_loss(student_out.logits[:, :-1], teacher_out.logits[:, :-1], temperature)
     parts = {"kl": kl.item()}
@@ -26,7 +28,10 @@ def distill_loss(kind: str, student_out, teacher_out, input_ids: torch.Tensor, t
         parts["ce"] = ce.item()
         loss = loss + ce
     elif kind == "kl+hidden":
-        mse = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
+        mse = sum(
+            F.mse_loss(s.float(), t.float())
+            for s, t in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:])
+        )
         mse = mse / (len(student_out.hidden_states) - 1)
         parts["hidden_mse"] = mse.item()
         loss = loss + mse

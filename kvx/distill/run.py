@@ -12,9 +12,10 @@ from ..arch import get_adapter
 from ..checkpoint import save_checkpoint
 from ..data import token_windows
 from ..errors import KvxError
-from ..eval import kv_bytes_per_token, kv_bytes_per_token_spec, perplexity
 from ..hub import model_card
 from ..loading import load_model
+from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from ..measure.perplexity import perplexity
 from ..plan import Plan
 from ..progress import Progress, no_progress
 from .config import DistillConfig
@@ -64,12 +65,22 @@ def distill(
     t_model, t_tok, t_name = load_model(teacher)
     if t_tok.get_vocab() != tok.get_vocab():
         raise KvxError(f"teacher {teacher} has another vocabulary than the student: logits cannot be compared")
-    windows = training_windows(t_model, tok, data, tokens, seq_len, seed, progress("teacher writes text", tokens) if data == "teacher" else None)
+    windows = training_windows(
+        t_model,
+        tok,
+        data,
+        tokens,
+        seq_len,
+        seed,
+        progress("teacher writes text", tokens) if data == "teacher" else None,
+    )
     eval_windows = token_windows(tok, "bundled" if data == "teacher" else data, "eval", cfg.eval_tokens, seq_len)
     ppl_before = perplexity(s_model, eval_windows)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    res = run_distill(s_model, t_model, windows, eval_windows, cfg, out, plan, get_adapter(s_model.config), resume, progress)
+    res = run_distill(
+        s_model, t_model, windows, eval_windows, cfg, out, plan, get_adapter(s_model.config), resume, progress
+    )
     accelerator, trained = res["accelerator"], res["student"]
     summary = {"steps": res["steps"], "ppl_before": ppl_before, "seconds": time.perf_counter() - started}
     if accelerator.is_main_process:
@@ -84,13 +95,21 @@ def distill(
             "dtype": str(next(trained.parameters()).dtype).replace("torch.", ""),
         }
         trained_tokens = res["steps"] * cfg.batch_size * cfg.grad_accum * seq_len * accelerator.num_processes
-        plan.meta["distillation"] = {"teacher": teacher, "data": data, "tokens": trained_tokens, "loss": cfg.loss, "train": cfg.train}
+        plan.meta["distillation"] = {
+            "teacher": teacher,
+            "data": data,
+            "tokens": trained_tokens,
+            "loss": cfg.loss,
+            "train": cfg.train,
+        }
         if getattr(trained.config, "kvx", None):
             trained.config.kvx = {**trained.config.kvx, "distillation": plan.meta["distillation"]}
         extra = {
             "distillation": f"{trained_tokens} tokens of {data} from {teacher}, loss {cfg.loss}, trained {cfg.train}, "
             f"{summary['seconds']:.0f} s",
-            "perplexity (bundled/eval windows)": f"{ppl_before:.3f} before, {summary['ppl_after']:.3f} after, teacher {summary['ppl_teacher']:.3f}",
+            "perplexity (bundled/eval windows)": (
+                f"{ppl_before:.3f} before, {summary['ppl_after']:.3f} after, teacher {summary['ppl_teacher']:.3f}"
+            ),
         }
         final = out.parent / f".{out.name}.final-tmp"
         if final.exists():

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..data import token_windows
-from .kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from ..measure.perplexity import perplexity
 from .long import long_context
-from .perplexity import perplexity
 
 
 def evaluate_model(
@@ -50,5 +50,13 @@ def compare(model_row: dict, baseline_row: dict | None) -> dict:
     return out
 
 
-__all__ = ["compare", "evaluate", "evaluate_model", "long_context", "kv_bytes_per_token", "kv_bytes_per_token_spec", "perplexity"]
+__all__ = [
+    "compare",
+    "evaluate",
+    "evaluate_model",
+    "long_context",
+    "kv_bytes_per_token",
+    "kv_bytes_per_token_spec",
+    "perplexity",
+]
 from .run import evaluate  # noqa: E402  (the stage entry point; needs the helpers above)

@@ -13,8 +13,10 @@ class EvalConfig:
     max_tokens: int = opt(8192, "Evaluation tokens.")
     seq_len: int = opt(512, "Window length (tokens).")
     long: list[int] | None = opt(
-        None, "Long contexts to evaluate too, e.g. '4096,8192': tail perplexity of long documents and cache bytes.",
-        parse=int_list, text="CONTEXTS",
+        None,
+        "Long contexts to evaluate too, e.g. '4096,8192': tail perplexity of long documents and cache bytes.",
+        parse=int_list,
+        text="CONTEXTS",
     )
     long_tail: int = opt(1024, "Tokens at the end of each long prefix whose loss is measured.")
     long_docs: int = opt(4, "Long documents per context.")

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import long_documents
+from ..measure.kv import checked_nbytes, kv_bytes_per_token_spec, new_cache
 from ..modeling.modeling_kvx import cache_kwargs
-from .kv import checked_nbytes, kv_bytes_per_token_spec, new_cache
 
 
 @torch.no_grad()
@@ -28,7 +28,9 @@ def long_context(model, tokenizer, data: str, context: int, tail: int = 1024, ma
         cache = new_cache(model)
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=tail + 1, **cache_kwargs(model, cache)).logits
         targets = ids[:, -tail:]
-        nll += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        nll += F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        ).item()
         count += targets.numel()
         nbytes = checked_nbytes(model, cache, context) if nbytes is None else nbytes
         del cache, logits

@@ -9,8 +9,14 @@ from . import compare, evaluate_model, long_context
 from .config import EvalConfig
 
 
-def evaluate(model: str, baseline: str | None = None, cfg: EvalConfig | None = None, *, progress: Progress = no_progress,
-             **options) -> dict:
+def evaluate(
+    model: str,
+    baseline: str | None = None,
+    cfg: EvalConfig | None = None,
+    *,
+    progress: Progress = no_progress,
+    **options,
+) -> dict:
     """``kvx eval``: the JSON object with model/baseline rows and kv_ratio/ppl_ratio
     (plus, for each ``long`` context, tail perplexity and cache bytes of long documents)."""
     cfg = cfg or EvalConfig(**options)
@@ -32,7 +38,13 @@ def evaluate(model: str, baseline: str | None = None, cfg: EvalConfig | None = N
                 raise KvxError(f"--long {max(cfg.long)} exceeds {ref}'s {limit} positions")
             row["long"] = {
                 str(ctx): long_context(
-                    m, tok, cfg.data, ctx, cfg.long_tail, cfg.long_docs, on_doc=progress(f"{ref} at {ctx} tokens", cfg.long_docs)
+                    m,
+                    tok,
+                    cfg.data,
+                    ctx,
+                    cfg.long_tail,
+                    cfg.long_docs,
+                    on_doc=progress(f"{ref} at {ctx} tokens", cfg.long_docs),
                 )
                 for ctx in cfg.long
             }

@@ -20,7 +20,9 @@ def check_export(fmt: str) -> Exporter:
     return EXPORTS[fmt]
 
 
-def run_export(exporter: Exporter, base, converted, tokenizer, adapter, plan, out, source: str, overwrite: bool) -> Path:
+def run_export(
+    exporter: Exporter, base, converted, tokenizer, adapter, plan, out, source: str, overwrite: bool
+) -> Path:
     return exporter.write(base, converted, tokenizer, adapter, plan, Path(out), source, overwrite)
 
 
@@ -32,7 +34,9 @@ def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwri
     from ..plan import Plan
 
     if fmt != "deepseek":
-        raise KvxError(f"--format {fmt!r} is not available (available: deepseek; 'native' via kvx convert --export native)")
+        raise KvxError(
+            f"--format {fmt!r} is not available (available: deepseek; 'native' via kvx convert --export native)"
+        )
     if not (Path(src) / "config.json").is_file():
         raise KvxError(f"checkpoint folder not found: {src} (kvx export reads a local kvx checkpoint)")
     out = Path(out) if out else Path(str(Path(src)).rstrip("/") + f"-{fmt}")
@@ -47,6 +51,13 @@ def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwri
 
 
 __all__ = [
-    "EXPORTS", "Exporter", "check_deepseek_plan", "check_export", "export_checkpoint", "export_native",
-    "native_layer_types", "run_export", "to_deepseek",
+    "EXPORTS",
+    "Exporter",
+    "check_deepseek_plan",
+    "check_export",
+    "export_checkpoint",
+    "export_native",
+    "native_layer_types",
+    "run_export",
+    "to_deepseek",
 ]

@@ -34,11 +34,7 @@ def _deepseek_geometry(model) -> dict:
         # pair p of head_dim rotates at theta^(-2p/hd); pair j of 2m dims at theta'^(-2j/2m): p = stride*j
         "rope_theta": theta ** (2 * m * stride / attn.head_dim),
         "head_dim": attn.head_dim,
-        "bias": any(
-            t is not None
-            for a in layers
-            for t in (a.kv_b_proj.bias, a.o_proj.bias, a.k_rope_proj.bias)
-        ),
+        "bias": any(t is not None for a in layers for t in (a.kv_b_proj.bias, a.o_proj.bias, a.k_rope_proj.bias)),
     }
 
 
@@ -142,12 +138,16 @@ def to_deepseek(model):
     prefixes = tuple(adapter.attention_prefix(i) for i in range(adapter.n_layers))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for i, prefix in enumerate(prefixes):  # DeepSeek-V3 keeps the base layout: same module paths
-        attn_state = deepseek_attention_state(adapter.attention(model, i), adapter.attention(ds, i).scaling, geom["bias"])
+        attn_state = deepseek_attention_state(
+            adapter.attention(model, i), adapter.attention(ds, i).scaling, geom["bias"]
+        )
         state.update({prefix + k: v for k, v in attn_state.items()})
     result = ds.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or result.unexpected_keys:
-        raise KvxError(f"DeepSeek export left weights unmatched: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
+        raise KvxError(
+            f"DeepSeek export left weights unmatched: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}"
+        )
     ds.tie_weights()
     ds.generation_config = model.generation_config
     return ds.eval()
@@ -158,14 +158,14 @@ def check_deepseek_plan(plan: Plan, adapter: ArchAdapter) -> None:
     problem = adapter.deepseek_export_problem()
     if problem:
         raise KvxError(f"cannot export to DeepSeek-V3: {problem}")
-    shapes = {(s.kv_rank, s.rope_dims, s.rope_select, s.layout) if isinstance(s, MLASpec) else s.kind for s in plan.layers}
+    shapes = {
+        (s.kv_rank, s.rope_dims, s.rope_select, s.layout) if isinstance(s, MLASpec) else s.kind for s in plan.layers
+    }
     if len(shapes) != 1 or not all(isinstance(s, MLASpec) and s.layout == "deepseek" for s in plan.layers):
         raise KvxError(
             "DeepSeek export needs every layer MLA in the deepseek layout with one kv_rank, rope_dims and rope_select "
             f"(this plan: {plan.summary()})"
         )
-
-
 
 
 class DeepseekExport(Exporter):

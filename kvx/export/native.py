@@ -23,7 +23,9 @@ def native_layer_types(plan: Plan) -> tuple[list[str], int]:
     for i, spec in enumerate(plan.layers):
         if isinstance(spec, StreamingSpec):
             if spec.sink:
-                raise KvxError(f"layer {i} keeps {spec.sink} sink tokens: native sliding windows have no sinks (use --sink 0)")
+                raise KvxError(
+                    f"layer {i} keeps {spec.sink} sink tokens: native sliding windows have no sinks (use --sink 0)"
+                )
             windows.add(spec.window)
             types.append("sliding_attention")
         elif isinstance(spec, FullSpec):
@@ -35,7 +37,9 @@ def native_layer_types(plan: Plan) -> tuple[list[str], int]:
     return types, windows.pop() + 1
 
 
-def export_native(base_model, tokenizer, adapter: ArchAdapter, plan: Plan, out: str | Path, overwrite: bool = False) -> Path:
+def export_native(
+    base_model, tokenizer, adapter: ArchAdapter, plan: Plan, out: str | Path, overwrite: bool = False
+) -> Path:
     """Write the base weights with a native config whose ``layer_types`` realise ``plan``."""
     types, window = native_layer_types(plan)
     config = adapter.native_sliding_config(types, window)

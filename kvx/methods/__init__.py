@@ -13,6 +13,8 @@ from .full import FullMethod
 from .mla import MLAMethod
 from .streaming import StreamingMethod
 
+DEFAULT_TARGET = "mla"  # what `kvx convert` converts to when no --to is given
+
 METHODS: dict[str, Method] = {
     "full": FullMethod(),
     "mla": MLAMethod(),
@@ -22,7 +24,9 @@ METHODS: dict[str, Method] = {
 
 def get_method(kind: str) -> Method:
     if kind not in METHODS:
-        raise KvxError(f"--to {kind!r} is not implemented yet (available: {', '.join(k for k in METHODS if k != 'full')})")
+        raise KvxError(
+            f"--to {kind!r} is not implemented yet (available: {', '.join(k for k in METHODS if k != 'full')})"
+        )
     return METHODS[kind]
 
 
@@ -41,4 +45,14 @@ def shortcut_options() -> dict[str, tuple[str, Option]]:
     return out
 
 
-__all__ = ["METHODS", "LayerInput", "LayerOutput", "Method", "Option", "get_method", "method_of", "shortcut_options"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "METHODS",
+    "LayerInput",
+    "LayerOutput",
+    "Method",
+    "Option",
+    "get_method",
+    "method_of",
+    "shortcut_options",
+]

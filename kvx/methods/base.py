@@ -69,7 +69,9 @@ class Method:
         allowed = {f.name for f in fields(self.spec_type)}
         unknown = sorted(set(args) - allowed)
         if unknown:
-            raise KvxError(f"{self.kind} has no option {', '.join(unknown)} (it takes: {', '.join(sorted(allowed)) or 'none'})")
+            raise KvxError(
+                f"{self.kind} has no option {', '.join(unknown)} (it takes: {', '.join(sorted(allowed)) or 'none'})"
+            )
         try:
             return self.spec_type(**args)
         except TypeError as e:

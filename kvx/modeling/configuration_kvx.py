@@ -47,7 +47,9 @@ def base_config_from_dict(d: dict):
         return CONFIG_MAPPING[d["model_type"]].from_dict(d)
     fields = {k: v for k, v in d.items() if k not in _OWN_KEYS}
     if d.get("base_model_type") not in CONFIG_MAPPING:
-        raise ValueError(f"this kvx checkpoint's base model type {d.get('base_model_type')!r} is unknown to this transformers")
+        raise ValueError(
+            f"this kvx checkpoint's base model type {d.get('base_model_type')!r} is unknown to this transformers"
+        )
     return CONFIG_MAPPING[d["base_model_type"]].from_dict(fields)
 
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .kvx_common import LayerRuntime, pop_cache, tensor_bytes
 from .kvx_specs import MLASpec
-
 
 # --------------------------------------------------------------------------- cache layers
 

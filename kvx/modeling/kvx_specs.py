@@ -8,7 +8,7 @@ the standard library. A new method adds its spec here and one line to ``SPEC_TYP
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import ClassVar, Union
+from typing import ClassVar
 
 
 class SpecError(ValueError):
@@ -86,7 +86,7 @@ class StreamingSpec:
         return min(n_tokens, self.sink + self.window)
 
 
-LayerSpec = Union[FullSpec, MLASpec, StreamingSpec]
+LayerSpec = FullSpec | MLASpec | StreamingSpec
 SPEC_TYPES: dict[str, type] = {
     "full": FullSpec,
     "mla": MLASpec,

@@ -95,8 +95,16 @@ class StreamingAttention(nn.Module):
         cache = pop_cache(kwargs, past_key_values)
         bsz, t, _ = hidden_states.shape
         q, k, v = project_qkv(
-            self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm, hidden_states,
-            *position_embeddings, self.n_heads, self.n_kv, self.head_dim,
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.q_norm,
+            self.k_norm,
+            hidden_states,
+            *position_embeddings,
+            self.n_heads,
+            self.n_kv,
+            self.head_dim,
         )
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -113,7 +121,11 @@ class StreamingAttention(nn.Module):
             mask = (kp[None] <= qp[:, None]) & ((kp[None] < self.sink) | (kp[None] >= qp[:, None] - self.window))
             ks = k[:, :, visible].repeat_interleave(group, dim=1)
             vs = v[:, :, visible].repeat_interleave(group, dim=1)
-            outs.append(F.scaled_dot_product_attention(q[:, :, c0 : c0 + self.chunk], ks, vs, attn_mask=mask, scale=self.scaling))
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, c0 : c0 + self.chunk], ks, vs, attn_mask=mask, scale=self.scaling
+                )
+            )
         out = torch.cat(outs, dim=2).transpose(1, 2).reshape(bsz, t, -1)
         return self.o_proj(out), None
 

@@ -55,7 +55,9 @@ def kvx_layers(config) -> list:
 
 def _runtime(kind: str) -> LayerRuntime:
     if kind not in RUNTIMES:
-        raise ValueError(f"layer spec kind {kind!r} is not supported by this runtime (supported: {', '.join(RUNTIMES)})")
+        raise ValueError(
+            f"layer spec kind {kind!r} is not supported by this runtime (supported: {', '.join(RUNTIMES)})"
+        )
     return RUNTIMES[kind]
 
 
@@ -121,7 +123,9 @@ def kvx_class_for(config) -> type:
             apply_kvx_plan(self)
             kinds = _kinds(kvx_layers(config))
             # model-level forward hooks of the kinds present (a multi-pass prefill, say)
-            self._kvx_forward_hooks = [RUNTIMES[k] for k in kinds if type(RUNTIMES[k]).forward is not LayerRuntime.forward]
+            self._kvx_forward_hooks = [
+                RUNTIMES[k] for k in kinds if type(RUNTIMES[k]).forward is not LayerRuntime.forward
+            ]
 
         def forward(self, *args, use_cache=None, **kwargs):
             cache = pop_cache(kwargs)

@@ -9,12 +9,12 @@ from ..checkpoint import atomic_dir, check_output
 from ..data import token_windows
 from ..errors import KvxError
 from ..loading import load_model
+from ..measure.attention import ProfileSettings, attention_maps, cross_scale_similarity, run_profile
+from ..measure.metrics import energy_ranks
 from ..methods.mla.maths import full_rank, joint_kv, output_spectrum, select_pairs, validate_rope_dims
 from ..plan import Plan
 from ..progress import Progress, no_progress
-from .collect import ProfileSettings, attention_maps, cross_scale_similarity, run_profile
 from .config import ProfileConfig
-from .metrics import energy_ranks
 from .report import write_report
 from .suggest import check_room, default_rope_dims, suggest_plan
 
@@ -33,7 +33,14 @@ def profile(
     Writes report.json, PNG plots and plan.yaml to ``out``; returns the report.
     """
     cfg = cfg or ProfileConfig(**options)
-    data, tokens, seq_len, reference, sink, window = cfg.data, cfg.tokens, cfg.seq_len, cfg.reference, cfg.sink, cfg.window
+    data, tokens, seq_len, reference, sink, window = (
+        cfg.data,
+        cfg.tokens,
+        cfg.seq_len,
+        cfg.reference,
+        cfg.sink,
+        cfg.window,
+    )
     topk, rope_dims, target_kv_ratio, streaming = cfg.topk, cfg.rope_dims, cfg.target_kv_ratio, cfg.streaming
     check_output(Path(out), overwrite)
     window = max(1, seq_len // 8) if window is None else window
@@ -43,7 +50,9 @@ def profile(
         raise KvxError(f"--topk {topk} must be between 1 and --seq-len - 1")
     base, tokenizer, name = load_model(model)
     if getattr(base.config, "kvx", None):
-        raise KvxError(f"{model} is already converted by kvx: profile its base model ({Plan.from_config(base.config).base_model})")
+        raise KvxError(
+            f"{model} is already converted by kvx: profile its base model ({Plan.from_config(base.config).base_model})"
+        )
     adapter = get_adapter(base.config)
     geom = adapter.geometry()
     hidden, n_kv, hd = base.config.hidden_size, adapter.n_kv_heads, adapter.head_dim
@@ -55,7 +64,9 @@ def profile(
     if reference is not None:
         ref, ref_tok, ref_name = load_model(reference)
         if ref_tok.get_vocab() != tokenizer.get_vocab():
-            raise KvxError(f"--reference {reference} has another tokenizer than {model}: attention maps would not align")
+            raise KvxError(
+                f"--reference {reference} has another tokenizer than {model}: attention maps would not align"
+            )
         get_adapter(ref.config)
 
     windows = token_windows(tokenizer, data, "calib", tokens, seq_len)
@@ -69,7 +80,9 @@ def profile(
         w = adapter.attention_weights(attn)
         cov = st.covariance
         pairs = select_pairs("2norm", n_kv, hd, m, st.pair_score)
-        jkv = joint_kv(w.wk, w.wv, w.bk, n_kv=n_kv, head_dim=hd, pairs=pairs, cov=cov, k_gain=adapter.k_norm_weight(attn))
+        jkv = joint_kv(
+            w.wk, w.wv, w.bk, n_kv=n_kv, head_dim=hd, pairs=pairs, cov=cov, k_gain=adapter.k_norm_weight(attn)
+        )
         joint_ev = output_spectrum(jkv.joint, cov)[0][: full_rank(n_kv, hd, r_dims, hidden)]
         spectra.append(joint_ev)
         lazy.append(float(lp.lazy_per_head.mean()))
@@ -106,7 +119,9 @@ def profile(
     }
     if ref is not None:
         probe = windows[:2, : cfg.xscale_tokens]
-        sims = cross_scale_similarity(attention_maps(base, adapter, probe), attention_maps(ref, get_adapter(ref.config), probe))
+        sims = cross_scale_similarity(
+            attention_maps(base, adapter, probe), attention_maps(ref, get_adapter(ref.config), probe)
+        )
         best = sims["head_averaged"].max(dim=1)
         report["cross_scale"] = {
             "reference": ref_name,
@@ -119,8 +134,17 @@ def profile(
             ],
         }
     plan = suggest_plan(
-        geom, spectra, lazy, target_kv_ratio, r_dims, streaming, cfg.lazy_threshold, sink=sink, window=window,
-        context=seq_len, base_model=name,
+        geom,
+        spectra,
+        lazy,
+        target_kv_ratio,
+        r_dims,
+        streaming,
+        cfg.lazy_threshold,
+        sink=sink,
+        window=window,
+        context=seq_len,
+        base_model=name,
     )
     report["suggested_plan"] = plan.to_dict()
     report["expected_kv_ratio"] = plan.meta["expected_kv_ratio"]

@@ -24,7 +24,9 @@ def default_rope_dims(geom: CacheGeometry, target_ratio: float) -> int:
     return max(unit, int(0.375 * budget // unit) * unit)
 
 
-def check_room(geom: CacheGeometry, n_layers: int, target_ratio: float, rope_dims: int, budget: float | None = None) -> None:
+def check_room(
+    geom: CacheGeometry, n_layers: int, target_ratio: float, rope_dims: int, budget: float | None = None
+) -> None:
     """Fail early when every layer as MLA cannot fit ``target_ratio`` with a latent of at least 1."""
     if target_ratio < 1:
         raise KvxError(f"--target-kv-ratio {target_ratio} must be at least 1")
@@ -84,5 +86,10 @@ def suggest_plan(
             specs[i] = MLASpec(ranks[i], rope, "2norm")
     plan = Plan(specs, base_model)
     expected = full * n / (plan.kv_bytes(geom, context, 1) / context)
-    plan.meta = {"suggested_by": "kvx profile", "target_kv_ratio": target_ratio, "expected_kv_ratio": round(expected, 3), "context": context}
+    plan.meta = {
+        "suggested_by": "kvx profile",
+        "target_kv_ratio": target_ratio,
+        "expected_kv_ratio": round(expected, 3),
+        "context": context,
+    }
     return plan

@@ -40,7 +40,9 @@ class MLAMethod(Method):
     options = {
         "kv_rank": Option(str, "mla: latent floats per token and layer, or 'full' (lossless)."),
         "rope_dims": Option(str, "mla: RoPE key floats per token and layer (all KV heads together), or 'all'."),
-        "rope_select": Option(str, "mla: which frequency pairs to keep: 2norm (default with calibration), high, low, uniform."),
+        "rope_select": Option(
+            str, "mla: which frequency pairs to keep: 2norm (default with calibration), high, low, uniform."
+        ),
         "layout": Option(
             str,
             "mla: kvx (a RoPE key per KV head), shared (one RoPE key for all heads) or deepseek "
@@ -59,7 +61,9 @@ class MLAMethod(Method):
             raise KvxError(f"unknown --rope-select {rope_select!r} (choose from {', '.join(ROPE_SELECTIONS)})")
         kv_rank, rope_dims = args.pop("kv_rank", "full"), args.pop("rope_dims", "all")
         if args:
-            raise KvxError(f"mla has no option {', '.join(sorted(args))} (it takes: kv_rank, rope_dims, rope_select, layout)")
+            raise KvxError(
+                f"mla has no option {', '.join(sorted(args))} (it takes: kv_rank, rope_dims, rope_select, layout)"
+            )
         n_kv, hd, hidden = adapter.n_kv_heads, adapter.head_dim, adapter.config.hidden_size
         try:
             r_dims = (n_kv * hd if layout == "kvx" else hd) if str(rope_dims) == "all" else int(rope_dims)
@@ -80,7 +84,8 @@ class MLAMethod(Method):
         if spec.shared:  # DeepSeek-V3's attention: no per-head key norms, only frequencies its RoPE can make
             if adapter.has_qk_norm:
                 raise KvxError(
-                    f"{adapter.family} RMS-normalises keys per head, which a shared RoPE key cannot express: use --layout kvx"
+                    f"{adapter.family} RMS-normalises keys per head, which a shared RoPE key cannot express: use "
+                    "--layout kvx"
                 )
             if spec.rope_select not in SHARED_ROPE_SELECTIONS:
                 raise KvxError(
@@ -101,7 +106,13 @@ class MLAMethod(Method):
         dims = dict(n_kv=a.n_kv_heads, head_dim=a.head_dim, kv_rank=spec.kv_rank, rope_dims=spec.rope_dims)
         if spec.shared:
             mw = convert_layer_to_shared_mla(
-                w.wk, w.wv, w.bk, w.bv, **dims, rope_select=spec.rope_select, stats=layer.stats,
+                w.wk,
+                w.wv,
+                w.bk,
+                w.bv,
+                **dims,
+                rope_select=spec.rope_select,
+                stats=layer.stats,
                 latent_norm=spec.layout == "deepseek",
             )
         else:

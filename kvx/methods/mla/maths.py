@@ -70,7 +70,9 @@ def validate_rope_dims(rope_dims: int, n_kv: int, head_dim: int, layout: str = "
             "(each KV head keeps whole frequency pairs)"
         )
     if rope_dims > n_kv * head_dim:
-        raise KvxError(f"--rope-dims {rope_dims} exceeds all RoPE dims ({n_kv} KV heads x {head_dim} = {n_kv * head_dim})")
+        raise KvxError(
+            f"--rope-dims {rope_dims} exceeds all RoPE dims ({n_kv} KV heads x {head_dim} = {n_kv * head_dim})"
+        )
 
 
 def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hidden: int, layout: str = "kvx") -> None:
@@ -81,9 +83,7 @@ def validate_mla_dims(kv_rank: int, rope_dims: int, n_kv: int, head_dim: int, hi
         raise KvxError(f"--kv-rank {kv_rank} is out of range: it must be between 1 and {full} (full rank here)")
 
 
-def select_pairs(
-    method: str, n_kv: int, head_dim: int, m: int, pair_score: torch.Tensor | None = None
-) -> torch.Tensor:
+def select_pairs(method: str, n_kv: int, head_dim: int, m: int, pair_score: torch.Tensor | None = None) -> torch.Tensor:
     """Which ``m`` frequency pairs each KV head keeps, sorted, as ``[n_kv, m]``.
 
     Pair ``p`` pairs dims ``p`` and ``p + head_dim/2`` and rotates with the ``p``-th
@@ -242,8 +242,7 @@ def shared_pairs(method: str, head_dim: int, m: int) -> torch.Tensor:
     frequencies ``theta^(-2 s j / head_dim)``, j = 0..m-1 (as its own ``rope_theta``)."""
     if method not in SHARED_ROPE_SELECTIONS:
         raise KvxError(
-            f"--rope-select {method!r} cannot feed one shared RoPE key: choose "
-            f"{' or '.join(SHARED_ROPE_SELECTIONS)}"
+            f"--rope-select {method!r} cannot feed one shared RoPE key: choose {' or '.join(SHARED_ROPE_SELECTIONS)}"
         )
     stride = 1 if method == "high" else (head_dim // 2) // m
     return (torch.arange(m) * stride)[None].long()
@@ -308,8 +307,13 @@ def convert_layer_to_shared_mla(
             bk2[:, dims] -= u[:, None] * shared_b[None]
 
     jkv = joint_kv(
-        wk3.reshape(n_kv * head_dim, hidden), wv, None if bk2 is None else bk2.flatten(),
-        n_kv=n_kv, head_dim=head_dim, pairs=torch.zeros(n_kv, 0, dtype=torch.long), cov=cov,
+        wk3.reshape(n_kv * head_dim, hidden),
+        wv,
+        None if bk2 is None else bk2.flatten(),
+        n_kv=n_kv,
+        head_dim=head_dim,
+        pairs=torch.zeros(n_kv, 0, dtype=torch.long),
+        cov=cov,
     )
     exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden, "shared")
     down, up, bias, kept = _factor(jkv, bv, cov, kv_rank, exact, n_kv * head_dim)

@@ -58,7 +58,8 @@ def checked_nbytes(model, cache, n_tokens: int, batch: int = 1) -> int:
         if g != w * batch:
             what = "holds nothing" if g == 0 else f"holds {g} bytes"
             raise KvxError(
-                f"layer {i} ({plan.layers[i].kind}): the cache {what} after {n_tokens} tokens, the plan says {w * batch}; "
+                f"layer {i} ({plan.layers[i].kind}): the cache {what} after {n_tokens} tokens, the plan says "
+                f"{w * batch}; "
                 "this runtime does not fill its cache (an unsupported transformers version?)"
             )
     return sum(got)

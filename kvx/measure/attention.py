@@ -56,7 +56,10 @@ class ProfileCollector:
     def __post_init__(self):
         a = self.adapter
         self.stats_collector = StatsCollector(self.model, a, list(range(a.n_layers)))
-        self.layers = {i: LayerProfile(torch.zeros(a.n_heads, dtype=torch.float64), torch.zeros(a.n_heads, dtype=torch.float64)) for i in range(a.n_layers)}
+        self.layers = {
+            i: LayerProfile(torch.zeros(a.n_heads, dtype=torch.float64), torch.zeros(a.n_heads, dtype=torch.float64))
+            for i in range(a.n_layers)
+        }
         self._batch_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles = [
             a.attention(self.model, i).register_forward_pre_hook(self._hook(i), with_kwargs=True)
@@ -133,14 +136,20 @@ def attention_maps(model, adapter: ArchAdapter, ids: torch.Tensor) -> torch.Tens
         def hook(module, args, kwargs):
             x = kwargs.get("hidden_states", args[0] if args else None)
             q, k, _ = adapter.qkv(module, x, *kwargs["position_embeddings"])
-            rows = [p for _, p in attention_chunks(q, k, float(module.scaling), adapter.sliding_window(idx), chunk=ids.shape[-1])]
+            rows = [
+                p
+                for _, p in attention_chunks(
+                    q, k, float(module.scaling), adapter.sliding_window(idx), chunk=ids.shape[-1]
+                )
+            ]
             probs = torch.cat(rows, dim=-2)  # [B, H, T, T]
             maps[idx] = probs.transpose(0, 1).reshape(probs.shape[1], -1)
 
         return hook
 
     handles = [
-        adapter.attention(model, i).register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in range(adapter.n_layers)
+        adapter.attention(model, i).register_forward_pre_hook(hook_for(i), with_kwargs=True)
+        for i in range(adapter.n_layers)
     ]
     try:
         model.get_decoder()(input_ids=ids.to(model.device), use_cache=False)

@@ -23,8 +23,8 @@ import torch
 
 from kvx.data import token_windows
 from kvx.eval import perplexity
-from kvx.measure.kv import kv_bytes_per_token
 from kvx.loading import load_model
+from kvx.measure.kv import kv_bytes_per_token
 
 # SmolLM2-135M caches 2 x 3 KV heads x 64 = 384 floats per token and layer.
 SETTINGS = {2: (144, 48), 4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims)

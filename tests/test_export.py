@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import kvx
 from kvx.convert import convert
 from kvx.errors import KvxError
-from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.export import export_checkpoint
+from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.modeling.kvx_common import cache_kwargs
 
 from .conftest import tiny_model

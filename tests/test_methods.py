@@ -20,8 +20,8 @@ from kvx.convert import convert
 from kvx.distill.loop import converted_parameter_names, select_trainable
 from kvx.distill.losses import kl_loss
 from kvx.errors import KvxError
-from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.export import EXPORTS
+from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.methods import METHODS, method_of
 from kvx.modeling.kvx_common import cache_kwargs
 from kvx.plan import Plan, parse_spec, spec_string

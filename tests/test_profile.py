@@ -14,12 +14,12 @@ import kvx
 from kvx.arch import get_adapter
 from kvx.convert import convert
 from kvx.errors import KvxError
+from kvx.measure.attention import cross_scale_similarity
 from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from kvx.measure.metrics import attention_chunks, energy_ranks, lazy_mass, topk_recall
 from kvx.methods.mla.maths import output_spectrum
 from kvx.plan import MLASpec, Plan
 from kvx.profile import profile
-from kvx.measure.attention import cross_scale_similarity
-from kvx.measure.metrics import attention_chunks, energy_ranks, lazy_mass, topk_recall
 from kvx.profile.suggest import suggest_plan
 
 from .conftest import tiny_model

@@ -20,9 +20,9 @@ import kvx
 from kvx.convert import convert
 from kvx.errors import KvxError
 from kvx.eval import evaluate_model
-from kvx.measure.kv import kv_bytes_per_token, new_cache
 from kvx.hub import model_card
 from kvx.loading import cache_root
+from kvx.measure.kv import kv_bytes_per_token, new_cache
 from kvx.modeling.kvx_common import cache_kwargs
 from kvx.plan import FullSpec, MLASpec, Plan, StreamingSpec
 

@@ -152,6 +152,16 @@ def test_auto_picks_the_laziest_layers(tiny_dir, tmp_path):
     )
 
 
+def test_auto_picks_only_among_layers_that_can_stream(tiny_dir, tmp_path):
+    """Gemma 3's local-window layers cannot be streaming: ``auto`` chooses among the others."""
+    out = tmp_path / "auto"
+    convert(str(tiny_dir("gemma3")), out, to="streaming", layers="auto", sink=2, window=8)
+    plan = Plan.from_config(kvx.load(str(out)).config)
+    assert [s.kind for s in plan.layers] == ["full", "streaming", "full"]  # layers 0 and 2 are sliding
+    with pytest.raises(KvxError, match="sink >= 0"):  # refused before the lazy-ratio measurement
+        convert(str(tiny_dir("llama")), tmp_path / "bad", to="streaming", layers="auto", sink=-1, window=8)
+
+
 def test_streaming_refused_on_local_window_layers(tiny_dir, tmp_path):
     with pytest.raises(KvxError, match="already attends to a local window"):
         convert(str(tiny_dir("gemma3")), tmp_path / "out", to="streaming", layers="0", sink=2, window=8)

@@ -34,13 +34,23 @@ def _plan_from_target(cfg: ConvertConfig, base, tokenizer, adapter, name, progre
     meta = {}
     if fraction is None:
         chosen = set(parse_layers(cfg.layers, adapter.n_layers))
-    else:
+    else:  # the method picks among the layers its spec can run in, checked before the measurement
+        eligible, refusal = [], None
+        for i in range(adapter.n_layers):
+            try:
+                method.check(spec, adapter, i)
+                eligible.append(i)
+            except KvxError as e:
+                refusal = refusal or e
+        if not eligible:
+            raise refusal
         if tokenizer is None:
             raise KvxError(
                 f"choosing layers by {method.layer_score} needs text, and the model has no tokenizer: list the layers"
             )
         scores = LAYER_SCORES[method.layer_score](base, tokenizer, adapter, spec, cfg, progress)
-        chosen = set(top_layers(scores, fraction))
+        ranked = top_layers([scores[i] for i in eligible], fraction * adapter.n_layers / len(eligible))
+        chosen = {eligible[j] for j in ranked}
         meta[method.layer_score] = [round(x, 4) for x in scores]
     plan = Plan([spec if i in chosen else FullSpec() for i in range(adapter.n_layers)], name, meta)
     layers = "all layers" if len(chosen) == adapter.n_layers else f"layers {','.join(map(str, sorted(chosen)))}"

@@ -23,19 +23,53 @@ class LayerStats:
     xx: torch.Tensor  # sum of x x^T, [hidden, hidden], float64
     n_tokens: int
     pair_score: torch.Tensor | None  # sum over tokens of ||q_pair|| * ||k_pair||, [n_kv, head_dim/2]
+    qq: torch.Tensor | None = None  # sum of q q^T over tokens and the query heads of each KV head, [n_kv, hd, hd]
 
     @property
     def covariance(self) -> torch.Tensor:
         return self.xx / max(self.n_tokens, 1)
 
+    @property
+    def query_covariance(self) -> torch.Tensor | None:
+        """Per KV head, the second moment of its query heads' queries (normed, before RoPE)."""
+        return None if self.qq is None else self.qq / max(self.n_tokens, 1)
 
-def _pair_norms(x: torch.Tensor, n_heads: int, head_dim: int, norm) -> torch.Tensor:
-    """``[N, heads*hd]`` projections -> per-head pair norms ``[N, heads, hd/2]`` (RoPE keeps them)."""
-    y = x.view(x.shape[0], n_heads, head_dim)
-    if norm is not None:
-        y = norm(y)
-    half = head_dim // 2
+
+def new_stats(hidden: int) -> LayerStats:
+    return LayerStats(torch.zeros(hidden, hidden, dtype=torch.float64), 0, None)
+
+
+def _heads(y: torch.Tensor, n_heads: int, head_dim: int, norm) -> torch.Tensor:
+    """``[N, heads*hd]`` projections -> ``[N, heads, hd]``, per-head norm applied (as the model does)."""
+    y = y.view(y.shape[0], n_heads, head_dim)
+    return norm(y) if norm is not None else y
+
+
+def _pair_norms(y: torch.Tensor) -> torch.Tensor:
+    """``[N, heads, hd]`` -> per-head pair norms ``[N, heads, hd/2]`` (RoPE keeps them)."""
+    half = y.shape[-1] // 2
     return torch.sqrt(y[..., :half].float() ** 2 + y[..., half:].float() ** 2)
+
+
+@torch.no_grad()
+def accumulate(st: LayerStats, attn, x: torch.Tensor, adapter: ArchAdapter, queries: bool = True) -> None:
+    """Fold one batch of an attention layer's input ``x`` into ``st``: input second moment, and
+    (``queries``) the 2-norm pair scores and the per-KV-head query second moment."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    st.xx += x2.double().T @ x2.double()
+    st.n_tokens += x2.shape[0]
+    if not queries:
+        return
+    a = adapter
+    q = _heads(attn.q_proj(x2), a.n_heads, a.head_dim, a.q_norm(attn))
+    k = _heads(attn.k_proj(x2), a.n_kv_heads, a.head_dim, a.k_norm(attn))
+    group = a.n_heads // a.n_kv_heads
+    qn = _pair_norms(q).view(q.shape[0], a.n_kv_heads, group, -1)
+    score = (qn * _pair_norms(k)[:, :, None]).sum(dim=(0, 2)).double()
+    qg = q.double().view(q.shape[0], a.n_kv_heads, group, a.head_dim)  # query head h reads KV head h // group
+    qq = torch.einsum("ngjd,ngje->gde", qg, qg)
+    st.pair_score = score if st.pair_score is None else st.pair_score + score
+    st.qq = qq if st.qq is None else st.qq + qq
 
 
 class StatsCollector:
@@ -43,8 +77,7 @@ class StatsCollector:
 
     def __init__(self, model, adapter: ArchAdapter, layers: list[int], pair_scores: bool = True):
         self.adapter, self.pair_scores = adapter, pair_scores
-        hidden = model.config.hidden_size
-        self.stats = {i: LayerStats(torch.zeros(hidden, hidden, dtype=torch.float64), 0, None) for i in layers}
+        self.stats = {i: new_stats(model.config.hidden_size) for i in layers}
         self.handles = [
             adapter.attention(model, i).register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in layers
         ]
@@ -52,23 +85,9 @@ class StatsCollector:
     def _hook(self, idx: int) -> Callable:
         def hook(module, args, kwargs):
             x = kwargs.get("hidden_states", args[0] if args else None)
-            x2 = x.detach().reshape(-1, x.shape[-1])
-            st = self.stats[idx]
-            st.xx += x2.double().T @ x2.double()
-            st.n_tokens += x2.shape[0]
-            if self.pair_scores:
-                st.pair_score = self._score(module, x2) + (0 if st.pair_score is None else st.pair_score)
+            accumulate(self.stats[idx], module, x, self.adapter, self.pair_scores)
 
         return hook
-
-    @torch.no_grad()
-    def _score(self, attn, x2: torch.Tensor) -> torch.Tensor:
-        a = self.adapter
-        qn = _pair_norms(attn.q_proj(x2), a.n_heads, a.head_dim, a.q_norm(attn))
-        kn = _pair_norms(attn.k_proj(x2), a.n_kv_heads, a.head_dim, a.k_norm(attn))
-        group = a.n_heads // a.n_kv_heads
-        qn = qn.view(qn.shape[0], a.n_kv_heads, group, -1)
-        return (qn * kn[:, :, None]).sum(dim=(0, 2)).double()
 
     def close(self) -> None:
         for h in self.handles:

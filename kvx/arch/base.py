@@ -5,6 +5,8 @@ Method code (convert/, profile/) asks the adapter, never ``isinstance(model, Lla
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,17 @@ class ArchAdapter:
 
     def attention(self, model: nn.Module, idx: int) -> nn.Module:
         return self.decoder_layers(model)[idx].self_attn
+
+    @contextmanager
+    def attention_replaced(self, model: nn.Module, idx: int, module: nn.Module) -> Iterator[None]:
+        """Layer ``idx`` runs ``module`` as its attention inside the block."""
+        layer = self.decoder_layers(model)[idx]
+        original = layer.self_attn
+        layer.self_attn = module
+        try:
+            yield
+        finally:
+            layer.self_attn = original
 
     def attention_prefix(self, idx: int) -> str:
         """Where layer ``idx``'s attention tensors sit in the model's state dict."""

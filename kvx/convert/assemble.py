@@ -49,15 +49,21 @@ def assemble(base_model, plan: Plan, outputs: dict[int, LayerOutput], adapter, m
     return model.eval()
 
 
-def convert_layers(base_model, plan: Plan, adapter, stats: dict, on_layer=None) -> dict[int, LayerOutput]:
-    """Each layer through its method's pure weight transform."""
+def convert_layers(base_model, plan: Plan, adapter, stats: dict, on_layer=None, options=None) -> dict[int, LayerOutput]:
+    """Each layer through its method's pure weight transform (``options``: conversion options by kind)."""
     from ..methods import LayerInput
 
     outputs = {}
     for i, spec in enumerate(plan.layers):
         state = adapter.attention_state(base_model, i)
         layer = LayerInput(
-            i, state, adapter.attention_weights(state), adapter, adapter.k_norm_weight(state), stats.get(i)
+            i,
+            state,
+            adapter.attention_weights(state),
+            adapter,
+            adapter.k_norm_weight(state),
+            stats.get(i),
+            (options or {}).get(spec.kind, {}),
         )
         outputs[i] = method_of(spec).convert_layer(spec, layer)
         if on_layer:
@@ -65,11 +71,11 @@ def convert_layers(base_model, plan: Plan, adapter, stats: dict, on_layer=None) 
     return outputs
 
 
-def convert_model(base_model, plan: Plan, stats: dict | None = None, on_layer=None):
+def convert_model(base_model, plan: Plan, stats: dict | None = None, on_layer=None, options=None):
     """``base_model`` converted per ``plan`` in memory (no checkpoint): every layer through its
     method, then assembled. ``stats``: calibration statistics by layer, where methods use them."""
     from ..arch import get_adapter
 
     adapter = get_adapter(base_model.config)
-    outputs = convert_layers(base_model, plan, adapter, stats or {}, on_layer)
+    outputs = convert_layers(base_model, plan, adapter, stats or {}, on_layer, options)
     return assemble(base_model, plan, outputs, adapter, {"k_norm_eps": adapter.k_norm_eps()}), outputs

@@ -12,6 +12,8 @@ from ..errors import KvxError
 from ..methods import DEFAULT_TARGET, get_method, shortcut_options
 from ..plan import parse_spec
 
+CALIB_INPUTS = ("original", "converted")
+
 
 @dataclass(frozen=True)
 class ConvertConfig:
@@ -35,6 +37,17 @@ class ConvertConfig:
     calib: str = opt("bundled", "Calibration text (as --data), or 'none' for weights-only conversion.")
     calib_tokens: int = opt(16384, "Calibration tokens.")
     calib_seq_len: int = opt(512, "Calibration window length (tokens).")
+    calib_inputs: str = opt(
+        "original",
+        "What each layer is calibrated on, a layer at a time: 'original' (the original model's hidden states) or "
+        "'converted' (those of the layers already converted, so each layer corrects the errors below it).",
+    )
+    fit_steps: int = opt(
+        0,
+        "Layer-wise fitting: Adam steps per converted layer on its new weights alone, towards the original "
+        "attention output on the calibration text (0: none). Never leaves a layer worse than its initialisation.",
+    )
+    fit_lr: float = opt(1e-3, "Learning rate of the layer-wise fitting.")
     export: str | None = opt(
         None,
         "Also write OUT-native or OUT-deepseek: 'native' = base weights + transformers layer_types (full + sink-free "
@@ -66,13 +79,32 @@ class ConvertConfig:
 
     def check(self) -> None:
         """What can be checked without the model: the spec's syntax, its kind, who owns each option."""
+        if self.calib_inputs not in CALIB_INPUTS:
+            raise KvxError(f"--calib-inputs {self.calib_inputs!r}: choose {' or '.join(CALIB_INPUTS)}")
+        if self.fit_steps < 0 or self.fit_lr <= 0:
+            raise KvxError(f"--fit-steps must be >= 0 and --fit-lr > 0 (got {self.fit_steps}, {self.fit_lr})")
         if self.plan is not None:
+            owners = shortcut_options()
             given = ["--to"] * (self.to != DEFAULT_TARGET) + ["--layers"] * (self.layers is not None)
-            given += sorted("--" + k.replace("_", "-") for k, v in self.options.items() if v is not None)
+            given += sorted(
+                "--" + k.replace("_", "-")
+                for k, v in self.options.items()
+                if v is not None and k not in get_method(owners[k][0]).conversion_options
+            )
             if given:
                 raise KvxError(f"--plan sets every layer: drop {', '.join(given)}")
             return
         self.target()
+
+    def conversion_options(self) -> dict[str, dict]:
+        """The methods' conversion options given, by kind (with a plan they apply to every layer of that kind)."""
+        owners = shortcut_options()
+        out: dict[str, dict] = {}
+        for name, value in self.options.items():
+            kind = owners[name][0]
+            if value is not None and name in get_method(kind).conversion_options:
+                out.setdefault(kind, {})[name] = value
+        return out
 
     @classmethod
     def from_mapping(cls, data: dict, where: str) -> ConvertConfig:

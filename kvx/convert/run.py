@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from ..arch import get_adapter
-from ..calibration import collect_stats
 from ..checkpoint import check_output, save_checkpoint
 from ..data import token_windows
 from ..errors import KvxError
@@ -20,16 +19,17 @@ from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from ..methods import get_method, method_of
 from ..plan import FullSpec, Plan, parse_layers, spec_string
 from ..progress import Progress, no_progress
-from .assemble import convert_model
+from .assemble import assemble, convert_model
 from .config import ConvertConfig, layer_fraction, top_layers
 from .scores import LAYER_SCORES
+from .sequential import FitSettings, sequential_convert
 
 
 def _plan_from_target(cfg: ConvertConfig, base, tokenizer, adapter, name, progress) -> tuple[Plan, str]:
     kind, args = cfg.target()
     method = get_method(kind)
     args = {**check_export(cfg.export).spec_defaults.get(kind, {}), **args} if cfg.export else args
-    spec = method.make_spec(args, adapter, cfg.calibrated)
+    spec = method.make_spec(method.split_options(args)[0], adapter, cfg.calibrated)
     fraction = layer_fraction(cfg.layers, method)
     meta = {}
     if fraction is None:
@@ -110,10 +110,19 @@ def convert(
         exporter.check(plan, adapter)
         export_out = out.with_name(f"{out.name}-{cfg.export}")
         check_output(export_out, overwrite)
-    needs = {i: method_of(s).needs(s, cfg.calibrated) for i, s in enumerate(plan.layers)}
+    options = cfg.conversion_options()
+    needs = {i: method_of(s).needs(s, cfg.calibrated, options.get(s.kind)) for i, s in enumerate(plan.layers)}
 
-    stats = {}
     calib_layers = sorted(i for i, n in needs.items() if "calibration" in n)
+    plan.meta["conversion"] = {
+        "calib": cfg.calib if calib_layers else "none",
+        "calib_tokens": cfg.calib_tokens if calib_layers else 0,
+    }
+    if calib_layers:
+        plan.meta["conversion"].update(calib_inputs=cfg.calib_inputs, fit_steps=cfg.fit_steps, options=options)
+    plan.meta["source"] = str(Path(model).resolve()) if Path(model).exists() else model  # the default teacher
+    meta = {"k_norm_eps": adapter.k_norm_eps()}
+    records = {}
     if calib_layers:
         if tokenizer is None:
             raise KvxError(
@@ -121,13 +130,21 @@ def convert(
                 "--calib none"
             )
         windows = token_windows(tokenizer, cfg.calib, "calib", cfg.calib_tokens, cfg.calib_seq_len)
-        stats = collect_stats(base, adapter, windows, calib_layers, on_batch=progress("calibrating", windows.numel()))
-    plan.meta["conversion"] = {
-        "calib": cfg.calib if calib_layers else "none",
-        "calib_tokens": cfg.calib_tokens if calib_layers else 0,
-    }
-    plan.meta["source"] = str(Path(model).resolve()) if Path(model).exists() else model  # the default teacher
-    converted, outputs = convert_model(base, plan, stats, on_layer=progress("converting layers", adapter.n_layers))
+        outputs, records = sequential_convert(
+            base,
+            plan,
+            adapter,
+            windows,
+            True,
+            meta,
+            inputs=cfg.calib_inputs,
+            fit=FitSettings(cfg.fit_steps, cfg.fit_lr),
+            options=options,
+            on_layer=progress("converting layer by layer", adapter.n_layers),
+        )
+        converted = assemble(base, plan, outputs, adapter, meta)
+    else:
+        converted, outputs = convert_model(base, plan, {}, progress("converting layers", adapter.n_layers), options)
 
     probe = (torch.arange(_probe_len(plan, cfg, base.config)) % base.config.vocab_size)[None]
     kv = {
@@ -153,7 +170,7 @@ def convert(
         extra["tokenizer"] = "none (the source folder has none)"
     converted.generation_config = base.generation_config
     save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
-    result = {"out": str(out), "plan": plan, "kv": kv, "figures": figures, "notes": notes}
+    result = {"out": str(out), "plan": plan, "kv": kv, "figures": figures, "notes": notes, "layers": records}
     if exporter is not None:
         result[cfg.export] = str(
             run_export(exporter, base, converted, tokenizer, adapter, plan, export_out, str(out), overwrite)

@@ -38,7 +38,7 @@ def shortcut_options() -> dict[str, tuple[str, Option]]:
     """Every method's shortcut options by name, with the kind that owns each."""
     out: dict[str, tuple[str, Option]] = {}
     for kind, method in METHODS.items():
-        for name, option in method.options.items():
+        for name, option in {**method.options, **method.conversion_options}.items():
             if name in out:
                 raise RuntimeError(f"option {name!r} of {kind} is already {out[name][0]}'s")
             out[name] = (kind, option)

@@ -40,6 +40,7 @@ class LayerInput:
     adapter: Any  # arch.ArchAdapter
     k_gain: torch.Tensor | None = None
     stats: Any = None  # calibration.LayerStats
+    options: dict = field(default_factory=dict)  # the method's conversion options (``Method.conversion_options``)
 
 
 @dataclass
@@ -58,11 +59,17 @@ class Method:
     kind: ClassVar[str]
     spec_type: ClassVar[type]
     options: ClassVar[dict[str, Option]] = {}  # shortcuts for the spec's fields
+    conversion_options: ClassVar[dict[str, Option]] = {}  # how to convert, not what the layer is (not in the spec)
     layer_score: ClassVar[str | None] = None  # measurement that picks layers for --layers auto / 0.25
     auto_fraction: ClassVar[float | None] = None  # share of layers --layers auto picks
     tags: ClassVar[tuple[str, ...]] = ()  # model-card tags
 
     # -- specs from text
+
+    def split_options(self, args: dict) -> tuple[dict, dict]:
+        """``args`` -> (the spec's arguments, the conversion options)."""
+        conv = {k: v for k, v in args.items() if k in self.conversion_options}
+        return {k: v for k, v in args.items() if k not in conv}, conv
 
     def make_spec(self, args: dict, adapter, calibrated: bool):
         """A spec from ``--to KIND(args)`` / shortcut options; placeholders resolved for ``adapter``."""
@@ -82,14 +89,20 @@ class Method:
     def check(self, spec, adapter, layer: int) -> None:
         """Raise ``KvxError`` (one line, naming the layer) if ``spec`` cannot run in ``layer``."""
 
-    def needs(self, spec, calibrated: bool) -> frozenset[str]:
-        """What must be measured before converting a layer: ``calibration`` (input statistics)."""
+    def needs(self, spec, calibrated: bool, options: dict | None = None) -> frozenset[str]:
+        """What must be measured before converting a layer: ``calibration`` (input statistics).
+        ``options``: the conversion options given (checked here, before any work)."""
         return frozenset()
 
     # -- the weight transform (pure: tensors in, tensors out)
 
     def convert_layer(self, spec, layer: LayerInput) -> LayerOutput:
         return LayerOutput(dict(layer.state))
+
+    def convert_candidates(self, spec, layer: LayerInput) -> dict[str, LayerOutput]:
+        """Initialisations worth trying, by label; layer-at-a-time conversion keeps the one whose
+        attention output is closest to the base layer's on held-out calibration text."""
+        return {"default": self.convert_layer(spec, layer)}
 
     # -- distillation
 

@@ -18,6 +18,7 @@ from .maths import (
     LAYOUTS,
     ROPE_SELECTIONS,
     SHARED_ROPE_SELECTIONS,
+    OutputWeighting,
     convert_layer_to_mla,
     convert_layer_to_shared_mla,
     full_rank,
@@ -32,6 +33,9 @@ _DROPPED = {
     "k_norm.": "its gain is folded into kv_b_proj and k_rope_proj; the exact 1/rms comes from k_scale_proj",
 }
 _CARRIED = ("q_proj.", "o_proj.", "q_norm.")
+INITS = ("pca", "output", "best")
+DEFAULT_INIT = "pca"
+OUTPUT_BETAS = (0.5, 1.0, 2.0)  # key/value weightings tried by --init output (the measured best is kept)
 
 
 class MLAMethod(Method):
@@ -47,6 +51,13 @@ class MLAMethod(Method):
             str,
             "mla: kvx (a RoPE key per KV head), shared (one RoPE key for all heads) or deepseek "
             "(shared + latent norm: DeepSeek-V3's attention).",
+        ),
+    }
+    conversion_options = {
+        "init": Option(
+            str,
+            "mla: initialisation of the latent: pca (K/V balanced by energy), output (K/V errors weighted by what "
+            "the attention output sees of them: queries, o_proj), or best (each measured on held-out text, per layer).",
         ),
     }
     tags = ("mla",)
@@ -96,29 +107,42 @@ class MLAMethod(Method):
             spec.kv_rank, spec.rope_dims, adapter.n_kv_heads, adapter.head_dim, adapter.config.hidden_size, spec.layout
         )
 
-    def needs(self, spec: MLASpec, calibrated: bool) -> frozenset[str]:
+    def needs(self, spec: MLASpec, calibrated: bool, options: dict | None = None) -> frozenset[str]:
         if not calibrated and spec.rope_select == "2norm":
             raise KvxError("--rope-select 2norm needs calibration data: drop --calib none or pick high/low/uniform")
+        init = (options or {}).get("init", DEFAULT_INIT)
+        if init not in INITS:
+            raise KvxError(f"--init {init!r}: choose from {', '.join(INITS)}")
+        if not calibrated and init != "pca":
+            raise KvxError(
+                f"--init {init} weighs errors by calibration statistics: drop --calib none or use --init pca"
+            )
         return frozenset({"calibration"}) if calibrated else frozenset()
 
+    def convert_candidates(self, spec: MLASpec, layer: LayerInput) -> dict[str, LayerOutput]:
+        init = layer.options.get("init", DEFAULT_INIT)
+        out = {}
+        if init in ("pca", "best"):
+            out["pca"] = self.convert_layer(spec, layer)
+        if init in ("output", "best"):
+            for beta in OUTPUT_BETAS:
+                weighting = OutputWeighting(layer.stats.query_covariance, layer.state["o_proj.weight"], beta)
+                out[f"output(beta={beta})"] = self._convert(spec, layer, weighting)
+        return out
+
     def convert_layer(self, spec: MLASpec, layer: LayerInput) -> LayerOutput:
+        return self._convert(spec, layer, None)
+
+    def _convert(self, spec: MLASpec, layer: LayerInput, weighting: OutputWeighting | None) -> LayerOutput:
         a, w = layer.adapter, layer.weights
         dims = dict(n_kv=a.n_kv_heads, head_dim=a.head_dim, kv_rank=spec.kv_rank, rope_dims=spec.rope_dims)
+        common = dict(rope_select=spec.rope_select, stats=layer.stats, weighting=weighting)
         if spec.shared:
             mw = convert_layer_to_shared_mla(
-                w.wk,
-                w.wv,
-                w.bk,
-                w.bv,
-                **dims,
-                rope_select=spec.rope_select,
-                stats=layer.stats,
-                latent_norm=spec.layout == "deepseek",
+                w.wk, w.wv, w.bk, w.bv, **dims, **common, latent_norm=spec.layout == "deepseek"
             )
         else:
-            mw = convert_layer_to_mla(
-                w.wk, w.wv, w.bk, w.bv, **dims, rope_select=spec.rope_select, stats=layer.stats, k_gain=layer.k_gain
-            )
+            mw = convert_layer_to_mla(w.wk, w.wv, w.bk, w.bv, **dims, **common, k_gain=layer.k_gain)
         state = {k: v for k, v in layer.state.items() if k.startswith(_CARRIED)}
         dropped = {k: why for k in layer.state for prefix, why in _DROPPED.items() if k.startswith(prefix)}
         if spec.layout == "deepseek" and "q_proj.bias" in state:

@@ -184,13 +184,81 @@ def joint_kv(
     return JointKV(torch.cat([wk_nope * alpha, wv]), alpha, wk, bk, rope_rows, nope_rows)
 
 
-def _factor(jkv: JointKV, bv: torch.Tensor | None, cov: torch.Tensor | None, kv_rank: int, exact: bool, kv_rows: int):
-    """Factor ``jkv`` to ``kv_rank`` (exactly: by the weights; else under ``cov``), undo K's balancing
-    scale in the up-projection, and line up the ``kv_b`` bias ([K_nope; V]; ``kv_rows`` per part).
+@dataclass(frozen=True)
+class OutputWeighting:
+    """What the attention output sees of K and V: per KV head, the second moment of its queries
+    (a key error ``e`` moves a score by ``q . e``) and ``sum_h W_o,h^T W_o,h`` over its query
+    heads (a value error reaches the output through ``o_proj``). ``beta`` scales the key part
+    against the value part after both are balanced to equal weighted energy."""
+
+    query_cov: torch.Tensor  # [n_kv, hd, hd]
+    o_proj: torch.Tensor  # [hidden, n_heads * hd]
+    beta: float = 1.0
+
+
+def _sqrtm(m: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """Symmetric square root of a PSD matrix, eigenvalues floored (relative) so it stays invertible."""
+    evals, evecs = torch.linalg.eigh(m.double())
+    evals = evals.clamp_min(float(evals.max().clamp_min(1e-30)) * floor)
+    return (evecs * evals.sqrt()) @ evecs.T
+
+
+def output_row_weight(jkv: JointKV, weighting: OutputWeighting, n_kv: int, head_dim: int, cov) -> torch.Tensor:
+    """The block-diagonal row weight ``M`` of ``[K_nope; V]`` whose weighted factorisation
+    minimises the attention-output-facing error (queries on keys, ``o_proj`` on values)."""
+    n_heads = weighting.o_proj.shape[1] // head_dim
+    group = n_heads // n_kv
+    nope = jkv.nope_rows
+    blocks = []
+    for g in range(n_kv):  # key rows of KV head g: its NoPE dims
+        dims = nope[(nope // head_dim) == g] % head_dim
+        blocks.append(_sqrtm(weighting.query_cov[g].double()[dims][:, dims]))
+    wo = weighting.o_proj.double().view(-1, n_heads, head_dim)
+    for g in range(n_kv):  # value rows of KV head g
+        heads = wo[:, g * group : (g + 1) * group]
+        blocks.append(_sqrtm(torch.einsum("ohd,ohe->de", heads, heads)))
+    m = torch.block_diag(*blocks)
+    n_k = nope.numel()
+    raw = _raw_joint(jkv)
+    c = cov.double() if cov is not None else None
+
+    def energy(rows):
+        w = m[rows][:, rows] @ raw[rows]
+        return float((w @ c * w).sum()) if c is not None else float((w * w).sum())
+
+    e_k, e_v = energy(slice(0, n_k)), energy(slice(n_k, None))
+    scale = weighting.beta * ((e_v / e_k) ** 0.5 if e_k > 0 and e_v > 0 else 1.0)
+    m[:n_k] *= scale
+    return m
+
+
+def _raw_joint(jkv: JointKV) -> torch.Tensor:
+    """``[K_nope; V]`` without the balancing scale."""
+    raw = jkv.joint.clone()
+    raw[: jkv.nope_rows.numel()] /= jkv.alpha
+    return raw
+
+
+def _factor(
+    jkv: JointKV,
+    bv: torch.Tensor | None,
+    cov: torch.Tensor | None,
+    kv_rank: int,
+    exact: bool,
+    kv_rows: int,
+    row_weight: torch.Tensor | None = None,
+):
+    """Factor ``jkv`` to ``kv_rank`` (exactly: by the weights; else under ``cov``), undo the row
+    weighting in the up-projection (K's balancing scale, or an output-aware ``row_weight``), and
+    line up the ``kv_b`` bias ([K_nope; V]; ``kv_rows`` per part).
     Returns (down, up, bias or None, kept energy share), float64."""
-    up, down, kept = joint_lowrank(jkv.joint, None if exact else cov, kv_rank)
-    up = up.clone()
-    up[: jkv.nope_rows.numel()] /= jkv.alpha
+    if row_weight is None:
+        up, down, kept = joint_lowrank(jkv.joint, None if exact else cov, kv_rank)
+        up = up.clone()
+        up[: jkv.nope_rows.numel()] /= jkv.alpha
+    else:  # minimise ||M (J - U D) x||: PCA of the weighted outputs, then U = M^-1 P, D = P^T M J
+        up, down, kept = joint_lowrank(row_weight @ _raw_joint(jkv), None if exact else cov, kv_rank)
+        up = torch.linalg.solve(row_weight, up)
     bias = None
     if jkv.bk is not None or bv is not None:
         zeros = torch.zeros(kv_rows, dtype=torch.float64)
@@ -212,10 +280,12 @@ def convert_layer_to_mla(
     rope_select: str,
     stats: LayerStats | None,
     k_gain: torch.Tensor | None = None,
+    weighting: OutputWeighting | None = None,
 ) -> MLAWeights:
     """One layer's MLA weights. ``k_gain``: effective per-dim gain of a per-head key norm (folded in).
 
-    With ``stats`` the factorisation is activation-aware; without, weights-only.
+    With ``stats`` the factorisation is activation-aware; without, weights-only. ``weighting``:
+    weigh K/V errors by what the attention output sees of them (else: K and V balanced by energy).
     """
     hidden = wk.shape[1]
     validate_mla_dims(kv_rank, rope_dims, n_kv, head_dim, hidden)
@@ -224,7 +294,8 @@ def convert_layer_to_mla(
     cov = stats.covariance if stats is not None else None
     jkv = joint_kv(wk, wv, bk, n_kv=n_kv, head_dim=head_dim, pairs=pairs, cov=cov, k_gain=k_gain)
     exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden)
-    down, up, bias, kept = _factor(jkv, bv, cov, kv_rank, exact, n_kv * head_dim)
+    row_weight = None if weighting is None else output_row_weight(jkv, weighting, n_kv, head_dim, cov)
+    down, up, bias, kept = _factor(jkv, bv, cov, kv_rank, exact, n_kv * head_dim, row_weight)
     return MLAWeights(
         kv_a=down.float(),
         kv_b=up.float(),
@@ -274,6 +345,7 @@ def convert_layer_to_shared_mla(
     rope_select: str,
     stats: LayerStats | None,
     latent_norm: bool = False,
+    weighting: OutputWeighting | None = None,
 ) -> MLAWeights:
     """One layer in the shared / deepseek layout: one RoPE key of ``rope_dims`` shared by all heads.
 
@@ -316,7 +388,8 @@ def convert_layer_to_shared_mla(
         cov=cov,
     )
     exact = kv_rank == full_rank(n_kv, head_dim, rope_dims, hidden, "shared")
-    down, up, bias, kept = _factor(jkv, bv, cov, kv_rank, exact, n_kv * head_dim)
+    row_weight = None if weighting is None else output_row_weight(jkv, weighting, n_kv, head_dim, cov)
+    down, up, bias, kept = _factor(jkv, bv, cov, kv_rank, exact, n_kv * head_dim, row_weight)
     latent_ms = float(torch.einsum("rh,hk,rk->", down, cov.double(), down) / kv_rank) if cov is not None else 1.0
     return MLAWeights(
         kv_a=down.float(),

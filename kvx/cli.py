@@ -262,11 +262,12 @@ def distill(
         _fail("missing -o/--out: where to write the healed checkpoint")
     with _progress() as progress:
         summary = _run(run, student, out, cfg, resume=resume, overwrite=overwrite, progress=progress)
-    if "ppl_after" in summary:
-        Console().print(
-            f"{summary['steps']} steps in {summary['seconds']:.0f} s: perplexity {summary['ppl_before']:.3f} -> "
-            f"{summary['ppl_after']:.3f} (teacher {summary['ppl_teacher']:.3f}). Wrote {out}"
+    if "texts" in summary:
+        per_text = "; ".join(
+            f"{text} {r['before']:.3f} -> {r['after']:.3f} (teacher {r['teacher']:.3f})"
+            for text, r in summary["texts"].items()
         )
+        Console().print(f"{summary['steps']} steps in {summary['seconds']:.0f} s: perplexity {per_text}. Wrote {out}")
 
 
 @app.command("eval")

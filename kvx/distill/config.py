@@ -27,7 +27,19 @@ class DistillConfig:
     loss: str = opt("kl", "kl | kl+ce | kl+hidden.")
     train: str = opt("converted", "converted (only weights the conversion created) | all | lora.")
     eval_every: int = opt(0, "Evaluation perplexity every K steps (0: only at the end).")
-    eval_tokens: int = opt(4096, "Tokens of the evaluation windows (the data's eval part; bundled for --data teacher).")
+    eval_tokens: int = opt(4096, "Tokens of each evaluation text's windows.")
+    eval_data: str = opt(
+        "auto",
+        "Evaluation texts, comma-separated ('auto': the training data's eval part, bundled for --data teacher, "
+        "then wiki, a text of another domain never trained on).",
+    )
+
+    def eval_texts(self) -> list[str]:
+        if self.eval_data != "auto":
+            return [t.strip() for t in self.eval_data.split(",") if t.strip()]
+        first = "bundled" if self.data == "teacher" else self.data
+        return list(dict.fromkeys([first, "wiki"]))
+
     save_every: int = opt(0, "Resumable checkpoint every K steps (0: none).")
     mixed_precision: str = opt("no", "no | bf16 | fp16 (accelerate).")
     lora_rank: int = opt(8, "LoRA rank for --train lora.")

@@ -65,7 +65,7 @@ def run_distill(
     student,
     teacher,
     windows,
-    eval_windows,
+    eval_windows: dict,
     cfg: DistillConfig,
     out: Path,
     plan,
@@ -130,11 +130,13 @@ def run_distill(
         record = {"step": step, "loss": mean_loss, **parts, "lr": scheduler.get_last_lr()[0]}
         record["tokens"] = step * cfg.batch_size * cfg.grad_accum * cfg.seq_len * accelerator.num_processes
         record["tokens_per_s"] = tokens_since / max(time.perf_counter() - t0, 1e-9)
-        if cfg.eval_every and step % cfg.eval_every == 0 and eval_windows is not None:
+        if cfg.eval_every and step % cfg.eval_every == 0 and eval_windows:
             student.eval()
-            last_ppl = record["eval_ppl"] = perplexity(
-                accelerator.unwrap_model(student), eval_windows.to(accelerator.device)
-            )
+            for n, (text, w) in enumerate(eval_windows.items()):  # eval_ppl: the first text; eval_ppl_<text>: each
+                ppl = perplexity(accelerator.unwrap_model(student), w.to(accelerator.device))
+                record[f"eval_ppl_{text}"] = ppl
+                if n == 0:
+                    last_ppl = record["eval_ppl"] = ppl
             student.train()
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:

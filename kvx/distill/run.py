@@ -74,18 +74,27 @@ def distill(
         seed,
         progress("teacher writes text", tokens) if data == "teacher" else None,
     )
-    eval_windows = token_windows(tok, "bundled" if data == "teacher" else data, "eval", cfg.eval_tokens, seq_len)
-    ppl_before = perplexity(s_model, eval_windows)
+    evals = {text: token_windows(tok, text, "eval", cfg.eval_tokens, seq_len) for text in cfg.eval_texts()}
+    eval_windows = next(iter(evals.values()))  # the first text's figures are the headline ones
+    before = {text: perplexity(s_model, w) for text, w in evals.items()}
+    ppl_before = next(iter(before.values()))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    res = run_distill(
-        s_model, t_model, windows, eval_windows, cfg, out, plan, get_adapter(s_model.config), resume, progress
-    )
+    res = run_distill(s_model, t_model, windows, evals, cfg, out, plan, get_adapter(s_model.config), resume, progress)
     accelerator, trained = res["accelerator"], res["student"]
     summary = {"steps": res["steps"], "ppl_before": ppl_before, "seconds": time.perf_counter() - started}
     if accelerator.is_main_process:
-        summary["ppl_after"] = perplexity(trained, eval_windows.to(accelerator.device))
-        summary["ppl_teacher"] = perplexity(t_model, eval_windows.to(accelerator.device))
+        device = accelerator.device
+        summary["texts"] = {
+            text: {
+                "before": before[text],
+                "after": perplexity(trained, w.to(device)),
+                "teacher": perplexity(t_model, w.to(device)),
+            }
+            for text, w in evals.items()
+        }
+        first = next(iter(summary["texts"].values()))
+        summary["ppl_after"], summary["ppl_teacher"] = first["after"], first["teacher"]
         probe = eval_windows[:1].to(accelerator.device)
         kv = {
             "baseline": kv_bytes_per_token(t_model, probe),
@@ -107,10 +116,11 @@ def distill(
         extra = {
             "distillation": f"{trained_tokens} tokens of {data} from {teacher}, loss {cfg.loss}, trained {cfg.train}, "
             f"{summary['seconds']:.0f} s",
-            "perplexity (bundled/eval windows)": (
-                f"{ppl_before:.3f} before, {summary['ppl_after']:.3f} after, teacher {summary['ppl_teacher']:.3f}"
-            ),
         }
+        for text, r in summary["texts"].items():
+            extra[f"perplexity on {text} (eval part)"] = (
+                f"{r['before']:.3f} before, {r['after']:.3f} after, teacher {r['teacher']:.3f}"
+            )
         final = out.parent / f".{out.name}.final-tmp"
         if final.exists():
             shutil.rmtree(final)

@@ -66,8 +66,14 @@ def accumulate(st: LayerStats, attn, x: torch.Tensor, adapter: ArchAdapter, quer
     group = a.n_heads // a.n_kv_heads
     qn = _pair_norms(q).view(q.shape[0], a.n_kv_heads, group, -1)
     score = (qn * _pair_norms(k)[:, :, None]).sum(dim=(0, 2)).double()
-    qg = q.double().view(q.shape[0], a.n_kv_heads, group, a.head_dim)  # query head h reads KV head h // group
-    qq = torch.einsum("ngjd,ngje->gde", qg, qg)
+    # query head h reads KV head h // group: per KV head, all its queries as rows, then q^T q
+    qg = (
+        q.float()
+        .view(q.shape[0], a.n_kv_heads, group, a.head_dim)
+        .permute(1, 0, 2, 3)
+        .reshape(a.n_kv_heads, -1, a.head_dim)
+    )
+    qq = torch.bmm(qg.transpose(1, 2), qg).double()
     st.pair_score = score if st.pair_score is None else st.pair_score + score
     st.qq = qq if st.qq is None else st.qq + qq
 

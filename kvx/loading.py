@@ -131,6 +131,41 @@ def _config(source: str):
     return AutoConfig.from_pretrained(source)
 
 
+def load_source(model: str):
+    """(what ``from_pretrained`` takes, the name to record, the config) without loading weights;
+    a kvx checkpoint's config is its base family's config carrying the plan."""
+    source, name = resolve(model)
+    try:
+        return source, name, _config(source)
+    except (OSError, ValueError) as e:
+        raise _load_error(model, source, e) from None
+
+
+def load_tokenizer(source: str, config=None):
+    """The tokenizer of a model folder or Hub id; None for a folder that has none."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(source):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, config=config)
+    except (OSError, ValueError) as e:
+        raise _load_error(source, source, e) from None
+
+
+def _load_error(model: str, source: str, e: Exception) -> KvxError:
+    hint = ""
+    if isinstance(e, OSError) and source == model and not Path(model).exists():  # a Hub id
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            " (HF_HUB_OFFLINE=1 is set: only local folders, .gguf files and built-in aliases work)"
+            if offline
+            else " (no network? Hub ids need it; with HF_HUB_OFFLINE=1 use local folders, .gguf files "
+            "or built-in aliases)"
+        )
+    return KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}{hint}")
+
+
 def load_model(
     model: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -140,17 +175,16 @@ def load_model(
     """(model, tokenizer, name) for any MODEL kvx accepts; kvx checkpoints load with their runtime.
 
     ``need_tokenizer=False``: a folder without a tokenizer loads with ``tokenizer=None`` (weights-only work)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    source, name = resolve(model)
+    source, name, config = load_source(model)
     if not has_tokenizer(source) and need_tokenizer:
         raise KvxError(
-            f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): copy the base model's tokenizer "
-            "files into it"
+            f"{model} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): "
+            "copy the base model's tokenizer files into it"
         )
+    tokenizer = load_tokenizer(source, config)
     try:
-        config = _config(source)
-        tokenizer = AutoTokenizer.from_pretrained(source, config=config) if has_tokenizer(source) else None
         if getattr(config, "kvx", None):
             from .modeling.modeling_kvx import KvxForCausalLM
 
@@ -159,19 +193,8 @@ def load_model(
             m = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
     except KvxError:
         raise
-    except OSError as e:
-        hint = ""
-        if source == model and not Path(model).exists():  # a Hub id
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            hint = (
-                " (HF_HUB_OFFLINE=1 is set: only local folders, .gguf files and built-in aliases work)"
-                if offline
-                else " (no network? Hub ids need it; with HF_HUB_OFFLINE=1 use local folders, .gguf files "
-                "or built-in aliases)"
-            )
-        raise KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}{hint}") from None
-    except ValueError as e:
-        raise KvxError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise _load_error(model, source, e) from None
     if device:
         m.to(device)
     m.eval()

@@ -160,7 +160,6 @@ def test_every_export_matches_or_refuses_before_writing(case, matrix, tmp_path):
     example, family = case
     src, out = _converted(matrix, example, family)
     model = kvx.load(str(out))
-    base = kvx.load(str(src))
     plan, adapter = Plan.from_config(model.config), get_adapter(model.config)
     with torch.no_grad():
         want = model(IDS, use_cache=False).logits
@@ -173,7 +172,7 @@ def test_every_export_matches_or_refuses_before_writing(case, matrix, tmp_path):
             continue
         from transformers import AutoModelForCausalLM
 
-        exporter.write(base, model, None, adapter, plan, target, str(out), overwrite=False)
+        exporter.write(str(src), out, None, adapter, plan, target, overwrite=False)
         native = AutoModelForCausalLM.from_pretrained(target).eval()  # no remote code
         with torch.no_grad():
             assert_close(native(IDS).logits, want, atol=1e-4, rtol=0)

@@ -1,6 +1,6 @@
 """Layer-at-a-time conversion: the same checkpoint as whole-model calibration, output-aware
-initialisations that beat the K/V-balanced PCA on what the layer outputs, and layer-wise
-fitting that never makes a layer worse."""
+initialisations that beat the K/V-balanced PCA on what the layer outputs, layer-wise fitting
+that never makes a layer worse, and a model read a layer at a time from its shards."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import kvx
 from kvx.arch import get_adapter
 from kvx.calibration import collect_stats
-from kvx.convert.assemble import assemble, convert_model
-from kvx.convert.sequential import FitSettings, sequential_convert
+from kvx.convert import convert
+from kvx.convert.assemble import convert_model
+from kvx.convert.sequential import FitSettings, Walker, sequential_convert
 from kvx.plan import MLASpec, Plan
 
 from .conftest import FAMILIES, tiny_model
@@ -26,22 +28,29 @@ def _setup(family):
     return base, adapter, plan, {"k_norm_eps": adapter.k_norm_eps()}
 
 
+def _walk(base, adapter, plan, meta, windows, **kwargs):
+    outputs = {}
+    walker = Walker(base, adapter, list(windows.split(4)))
+    records = sequential_convert(walker, plan, True, meta, lambda i, out, layer: outputs.__setitem__(i, out), **kwargs)
+    return outputs, records
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_at_a_time_equals_whole_model_calibration(family):
     base, adapter, plan, meta = _setup(family)
-    whole, _ = convert_model(base, plan, collect_stats(base, adapter, WINDOWS, list(range(adapter.n_layers))))
-    outputs, _ = sequential_convert(base, plan, adapter, WINDOWS, True, meta)
-    layered = assemble(base, plan, outputs, adapter, meta)
-    for (name, a), (_, b) in zip(whole.state_dict().items(), layered.state_dict().items()):
-        assert_close(b, a, atol=1e-5, rtol=0, msg=name)
+    whole, reference = convert_model(base, plan, collect_stats(base, adapter, WINDOWS, list(range(adapter.n_layers))))
+    outputs, _ = _walk(base, adapter, plan, meta, WINDOWS)
+    for i, out in outputs.items():
+        for name, value in out.state.items():
+            assert_close(value, reference[i].state[name], atol=1e-5, rtol=0, msg=f"layer {i} {name}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_output_aware_init_beats_pca_and_fitting_never_hurts(family):
     base, adapter, plan, meta = _setup(family)
     windows = torch.randint(0, 1000, (32, 64), generator=torch.Generator().manual_seed(1))  # 7 batches to fit on
-    _, records = sequential_convert(
-        base, plan, adapter, windows, True, meta, options={"mla": {"init": "best"}}, fit=FitSettings(steps=60, lr=1e-3)
+    _, records = _walk(
+        base, adapter, plan, meta, windows, options={"mla": {"init": "best"}}, fit=FitSettings(steps=60, lr=1e-3)
     )
     pca = sum(r.candidates["pca"] for r in records.values())
     output = sum(min(v for k, v in r.candidates.items() if k.startswith("output")) for r in records.values())
@@ -55,7 +64,22 @@ def test_output_aware_init_beats_pca_and_fitting_never_hurts(family):
 def test_converted_inputs_calibrate_on_the_converted_stream():
     """GPTQ-style: from the second layer on, the statistics come from the converted layers' outputs."""
     base, adapter, plan, meta = _setup("llama")
-    original, _ = sequential_convert(base, plan, adapter, WINDOWS, True, meta)
-    converted, _ = sequential_convert(base, plan, adapter, WINDOWS, True, meta, inputs="converted")
+    original, _ = _walk(base, adapter, plan, meta, WINDOWS)
+    converted, _ = _walk(base, adapter, plan, meta, WINDOWS, inputs="converted")
     assert torch.equal(original[0].state["kv_a_proj.weight"], converted[0].state["kv_a_proj.weight"])
     assert not torch.allclose(original[1].state["kv_a_proj.weight"], converted[1].state["kv_a_proj.weight"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_reading_layers_from_shards_gives_the_in_memory_checkpoint(family, tiny_dir, tmp_path):
+    """``kvx convert`` of a folder reads one layer at a time; handed the loaded model it converts in
+    memory: the two checkpoints are the same."""
+    src = tiny_dir(family)
+    lazy, loaded = tmp_path / "lazy", tmp_path / "loaded"
+    options = dict(kv_rank=8, rope_dims=8 if family == "llama" else 4, calib_tokens=512, calib_seq_len=64)
+    convert(str(src), lazy, **options)
+    convert(str(src), loaded, loaded=kvx.load_model(str(src)), **options)
+    a, b = kvx.load(str(lazy)).state_dict(), kvx.load(str(loaded)).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -97,9 +97,13 @@ class ArchAdapter:
         finally:
             layer.self_attn = original
 
+    def layer_prefix(self, idx: int) -> str:
+        """Where decoder layer ``idx``'s tensors sit in the model's state dict."""
+        return f"model.layers.{idx}."
+
     def attention_prefix(self, idx: int) -> str:
         """Where layer ``idx``'s attention tensors sit in the model's state dict."""
-        return f"model.layers.{idx}.self_attn."
+        return f"{self.layer_prefix(idx)}self_attn."
 
     def attention_state(self, model: nn.Module, idx: int) -> dict[str, torch.Tensor]:
         """Layer ``idx``'s attention parameters and persistent buffers, by name inside the module,

@@ -1,31 +1,38 @@
-"""``kvx convert``: a plan from the config (or a plan file), checked once, measured, converted
-layer by layer through each spec's method, assembled, written atomically, exported."""
+"""``kvx convert``: a plan from the config (or a plan file), checked once; then the model a layer
+at a time (read from its shards, calibrated, converted by its spec's method, fitted, its cache
+measured, written to its own shard); then the checkpoint's config, runtime, tokenizer and card,
+all in a temporary folder renamed at the end; then the exports."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..arch import get_adapter
-from ..checkpoint import check_output, save_checkpoint
+from ..checkpoint import atomic_dir, check_output
 from ..data import token_windows
 from ..errors import KvxError
 from ..export import check_export, run_export
 from ..hub import model_card
-from ..loading import load_model
-from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
+from ..io import ShardWriter
+from ..loading import load_model, load_source, load_tokenizer
+from ..measure.kv import check_layer_bytes
 from ..methods import get_method, method_of
+from ..modeling.modeling_kvx import write_checkpoint_files
 from ..plan import FullSpec, Plan, parse_layers, spec_string
 from ..progress import Progress, no_progress
-from .assemble import assemble, convert_model
 from .config import ConvertConfig, layer_fraction, top_layers
+from .lazy import is_local_checkpoint, skeleton
 from .scores import LAYER_SCORES
-from .sequential import FitSettings, sequential_convert
+from .sequential import FitSettings, Walker, sequential_convert
 
 
-def _plan_from_target(cfg: ConvertConfig, base, tokenizer, adapter, name, progress) -> tuple[Plan, str]:
+def _plan_from_target(cfg: ConvertConfig, scorer, tokenizer, adapter, name, progress) -> tuple[Plan, str]:
+    """The plan of ``--to SPEC --layers L``; ``scorer()`` gives the full model when a method must
+    measure layers to choose them (``--layers auto``)."""
     kind, args = cfg.target()
     method = get_method(kind)
     args = {**check_export(cfg.export).spec_defaults.get(kind, {}), **args} if cfg.export else args
@@ -48,7 +55,7 @@ def _plan_from_target(cfg: ConvertConfig, base, tokenizer, adapter, name, progre
             raise KvxError(
                 f"choosing layers by {method.layer_score} needs text, and the model has no tokenizer: list the layers"
             )
-        scores = LAYER_SCORES[method.layer_score](base, tokenizer, adapter, spec, cfg, progress)
+        scores = LAYER_SCORES[method.layer_score](scorer(), tokenizer, adapter, spec, cfg, progress)
         ranked = top_layers([scores[i] for i in eligible], fraction * adapter.n_layers / len(eligible))
         chosen = {eligible[j] for j in ranked}
         meta[method.layer_score] = [round(x, 4) for x in scores]
@@ -73,6 +80,34 @@ def _probe_len(plan: Plan, cfg: ConvertConfig, config) -> int:
     return min(n, getattr(config, "max_position_embeddings", n))
 
 
+def _layer_writer(writer: ShardWriter, adapter, plan: Plan, dtype: torch.dtype):
+    """``emit`` for the walker: a converted layer = its base tensors outside attention + the method's
+    attention tensors, every base attention tensor not carried over declared dropped by the method."""
+
+    def emit(i, out, layer):
+        prefix, attn = adapter.layer_prefix(i), adapter.attention_prefix(i)
+        inner = attn[len(prefix) :]
+        base = layer.state_dict()
+        base_attn = {k[len(inner) :] for k in base if k.startswith(inner)}
+        silent = sorted(base_attn - set(out.state) - set(out.dropped))
+        if silent:
+            raise RuntimeError(f"layer {i}: the {plan.layers[i].kind} conversion drops {silent} without saying why")
+        tensors = {prefix + k: v for k, v in base.items() if not k.startswith(inner)}
+        tensors.update({attn + k: v.to(dtype) if v.is_floating_point() else v for k, v in out.state.items()})
+        writer.add(tensors)
+
+    return emit
+
+
+def _outer_tensors(model, adapter, reader) -> dict:
+    """The tensors outside the decoder layers, as the checkpoint stores them (a tied head: not stored)."""
+    layers = tuple(adapter.layer_prefix(i) for i in range(adapter.n_layers))
+    if reader is not None:
+        return reader.read([n for n in reader.names() if not n.startswith(layers)])
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(layers) and k not in tied}
+
+
 def convert(
     model: str,
     out: str | Path,
@@ -86,9 +121,11 @@ def convert(
 ) -> dict:
     """``kvx convert``: MODEL converted per ``cfg`` (or per ``plan``) into a checkpoint at ``out``.
 
-    ``options``: ``ConvertConfig`` fields and method shortcuts as keywords, for library callers
-    (``convert(m, out, kv_rank=60, rope_dims=36)``). ``loaded``: ``load_model(model)``'s result
-    when the caller already holds it. Returns the plan, KV bytes, per-layer figures, the path.
+    A local safetensors checkpoint is converted without ever holding the whole model (its layers
+    are read one at a time); anything else is loaded first. ``options``: ``ConvertConfig`` fields
+    and method shortcuts as keywords, for library callers (``convert(m, out, kv_rank=60,
+    rope_dims=36)``). ``loaded``: ``load_model(model)``'s result when the caller holds it.
+    Returns the plan, KV bytes, per-layer figures and records, the path.
     """
     cfg = cfg or ConvertConfig.make(**options)
     if plan is not None:
@@ -96,12 +133,17 @@ def convert(
     cfg.check()
     out = Path(out)
     check_output(out, overwrite)
-    base, tokenizer, name = loaded or load_model(model, need_tokenizer=False)
-    adapter = get_adapter(base.config)
+    if loaded is not None:
+        base, tokenizer, name = loaded
+        source, config, reader = None, base.config, None
+    else:
+        source, name, config = load_source(model)
+        tokenizer, base, reader = load_tokenizer(source), None, None
+    adapter = get_adapter(config)
     if cfg.plan is not None:
         plan, how = _plan_from_file(cfg, adapter, name), "a per-layer plan"
     else:
-        plan, how = _plan_from_target(cfg, base, tokenizer, adapter, name, progress)
+        plan, how = _plan_from_target(cfg, lambda: base or load_model(model)[0], tokenizer, adapter, name, progress)
     for i, spec in enumerate(plan.layers):  # every spec checked once, before any work
         method_of(spec).check(spec, adapter, i)
     exporter, export_out = None, None
@@ -112,67 +154,98 @@ def convert(
         check_output(export_out, overwrite)
     options = cfg.conversion_options()
     needs = {i: method_of(s).needs(s, cfg.calibrated, options.get(s.kind)) for i, s in enumerate(plan.layers)}
+    calibrated = any("calibration" in n for n in needs.values())
+    if calibrated and tokenizer is None:
+        raise KvxError(
+            f"{model} has no tokenizer, which calibration needs: copy the base model's tokenizer files "
+            "or pass --calib none"
+        )
 
-    calib_layers = sorted(i for i, n in needs.items() if "calibration" in n)
+    if base is None and is_local_checkpoint(source):
+        base, reader = skeleton(source, config, adapter)
+    elif base is None:
+        base = load_model(model, need_tokenizer=False)[0]
+    if calibrated:
+        windows = token_windows(tokenizer, cfg.calib, "calib", cfg.calib_tokens, cfg.calib_seq_len)
+    else:  # no statistics: one batch to run each layer through, for its cache measurement
+        windows = (torch.arange(_probe_len(plan, cfg, config)) % config.vocab_size)[None]
+    batches = [windows[i : i + 4] for i in range(0, windows.shape[0], 4)]
     plan.meta["conversion"] = {
-        "calib": cfg.calib if calib_layers else "none",
-        "calib_tokens": cfg.calib_tokens if calib_layers else 0,
+        "calib": cfg.calib if calibrated else "none",
+        "calib_tokens": cfg.calib_tokens if calibrated else 0,
     }
-    if calib_layers:
+    if calibrated:
         plan.meta["conversion"].update(calib_inputs=cfg.calib_inputs, fit_steps=cfg.fit_steps, options=options)
     plan.meta["source"] = str(Path(model).resolve()) if Path(model).exists() else model  # the default teacher
     meta = {"k_norm_eps": adapter.k_norm_eps()}
-    records = {}
-    if calib_layers:
-        if tokenizer is None:
-            raise KvxError(
-                f"{model} has no tokenizer, which calibration needs: copy the base model's tokenizer files or pass "
-                "--calib none"
-            )
-        windows = token_windows(tokenizer, cfg.calib, "calib", cfg.calib_tokens, cfg.calib_seq_len)
-        outputs, records = sequential_convert(
-            base,
+    dtype = next(p for p in base.parameters() if not p.is_meta).dtype
+
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp)
+        figures: dict[str, list[float]] = {}
+
+        def emit(i, output, layer):
+            for key, value in output.info.items():
+                figures.setdefault(key, []).append(value)
+            write(i, output, layer)
+
+        write = _layer_writer(writer, adapter, plan, dtype)
+        walker = Walker(base, adapter, batches, reader)
+        records = sequential_convert(
+            walker,
             plan,
-            adapter,
-            windows,
-            True,
+            calibrated,
             meta,
+            emit,
             inputs=cfg.calib_inputs,
             fit=FitSettings(cfg.fit_steps, cfg.fit_lr),
             options=options,
             on_layer=progress("converting layer by layer", adapter.n_layers),
         )
-        converted = assemble(base, plan, outputs, adapter, meta)
-    else:
-        converted, outputs = convert_model(base, plan, {}, progress("converting layers", adapter.n_layers), options)
+        writer.add(_outer_tensors(base, adapter, reader))
+        writer.finish()
 
-    probe = (torch.arange(_probe_len(plan, cfg, base.config)) % base.config.vocab_size)[None]
-    kv = {
-        "baseline": kv_bytes_per_token(base, probe),
-        "measured": kv_bytes_per_token(converted, probe),
-        "spec": kv_bytes_per_token_spec(converted, probe.shape[-1]),
-        "tokens": probe.shape[-1],
-        "dtype": str(next(converted.parameters()).dtype).removeprefix("torch."),
-    }
-    extra = {"conversion": f"{how}, calibration: {cfg.calib if calib_layers else 'none (weights only)'}"}
-    figures: dict[str, list[float]] = {}
-    for o in outputs.values():
-        for key, value in o.info.items():
-            figures.setdefault(key, []).append(value)
-    for key, values in figures.items():
-        extra[f"mean {key}"] = f"{sum(values) / len(values):.4f}"
-    notes = []
-    if tokenizer is None:
-        notes.append(
-            f"{model} has no tokenizer: none was copied into {out}; add the base model's tokenizer files before "
-            "evaluating"
-        )
-        extra["tokenizer"] = "none (the source folder has none)"
-    converted.generation_config = base.generation_config
-    save_checkpoint(converted, tokenizer, out, lambda _: model_card(name, plan, kv, extra), overwrite=overwrite)
+        n_tokens, batch = batches[0].shape[1], batches[0].shape[0]
+        spec_bytes = plan.layer_kv_bytes(adapter.geometry(), n_tokens, 4)  # measured in float32
+        measured = check_layer_bytes(plan, [r.cache_bytes for r in records.values()], spec_bytes, n_tokens, batch)
+        kv = {
+            "baseline": sum(r.base_cache_bytes for r in records.values()) / (batch * n_tokens),
+            "measured": measured / (batch * n_tokens),
+            "spec": sum(spec_bytes) / n_tokens,
+            "tokens": n_tokens,
+            "dtype": "float32",
+        }
+        converted_config = copy.deepcopy(config)
+        converted_config.kvx = {**plan.to_dict(), **meta}
+        converted_config.dtype = dtype
+        converted_config.save_pretrained(tmp)
+        write_checkpoint_files(tmp)
+        _generation_config(base, source).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        extra = {"conversion": f"{how}, calibration: {cfg.calib if calibrated else 'none (weights only)'}"}
+        for key, values in figures.items():
+            extra[f"mean {key}"] = f"{sum(values) / len(values):.4f}"
+        notes = []
+        if tokenizer is None:
+            notes.append(
+                f"{model} has no tokenizer: none was copied into {out}; add the base model's tokenizer files before "
+                "evaluating"
+            )
+            extra["tokenizer"] = "none (the source folder has none)"
+        (tmp / "README.md").write_text(model_card(name, plan, kv, extra))
     result = {"out": str(out), "plan": plan, "kv": kv, "figures": figures, "notes": notes, "layers": records}
     if exporter is not None:
+        base_source = source if source is not None else model
         result[cfg.export] = str(
-            run_export(exporter, base, converted, tokenizer, adapter, plan, export_out, str(out), overwrite)
+            run_export(exporter, base_source, out, tokenizer, adapter, plan, export_out, overwrite)
         )
     return result
+
+
+def _generation_config(base, source):
+    from transformers import GenerationConfig
+
+    if source is not None and (Path(source) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(source)
+    return getattr(base, "generation_config", None) or GenerationConfig()

@@ -1,34 +1,40 @@
 """Layer-at-a-time conversion: calibrate each layer on the hidden states that reach it, convert
-it, fit it, move on (llm-compressor's sequential calibration, GPTQ's error correction).
+it, fit it, write it, move on (llm-compressor's sequential calibration, GPTQ's error
+correction, mergekit's lazy loading).
 
 The calibration windows go through the decoder one layer at a time. For each layer the
-runner sees its attention input ``x`` and the base attention's output ``y`` on every batch;
+walker sees its attention input ``x`` and the base attention's output ``y`` on every batch;
 from those it accumulates the layer's statistics (running sums), asks the layer's method for
 its candidate weights, keeps the candidate whose attention output is closest to ``y`` on a
 held-out batch, and optionally fits the method's new weights to ``y`` by gradient steps on
 that layer alone. The next layer's input comes from the original layers (``inputs="original"``)
 or from the layers already converted (``"converted"``), so that each layer corrects the errors
-of those below. Only one layer's activations are held at a time.
+of those below. Each layer's cache is measured on the same text with the runtime's own cache
+layer, against its spec.
 
 Every family's own decoder layer runs here, with the call arguments (masks, RoPE) its model
-passes it: they are captured from one ordinary forward per batch, so kvx never rebuilds masks.
+passes it: they are recorded from one pass of the model's own forward with stand-ins for the
+layers, so kvx never rebuilds masks. With a ``ShardReader`` each layer is read from the
+checkpoint only while it is being converted (``lazy.py``): memory holds the embeddings, one
+layer and the calibration activations, whatever the depth.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..calibration import accumulate, new_stats
+from ..errors import KvxError
 from ..methods import LayerInput, LayerOutput, method_of
+from ..modeling.kvx_common import cache_kwargs, layer_nbytes
 from ..modeling.modeling_kvx import RUNTIMES
 from ..plan import Plan
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early (its work is done)."""
 
 
 @dataclass
@@ -41,39 +47,72 @@ class FitSettings:
 
 @dataclass
 class LayerRecord:
-    """What the runner measured for one layer (for the conversion summary)."""
+    """What the walker measured for one layer."""
 
-    error_init: float | None = None  # relative attention-output error of the chosen initialisation
-    error_fitted: float | None = None
+    candidates: dict[str, float] = field(default_factory=dict)  # relative attention-output error, held-out text
     chosen: str | None = None
-    candidates: dict[str, float] = field(default_factory=dict)
+    error_init: float | None = None
+    error_fitted: float | None = None
+    cache_bytes: int = 0  # the converted layer's cache after the probe batch (real cache layer)
+    base_cache_bytes: int = 0
 
 
-def _decoder_calls(model, adapter, batch: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-    """One forward of ``batch``: the first decoder layer's input and every layer's call arguments."""
-    layers = adapter.decoder_layers(model)
-    calls: list[dict] = [{} for _ in layers]
-    first: list[torch.Tensor] = []
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during one model forward: records the call, passes ``h`` on."""
 
-    def grab(i):
-        def hook(module, args, kwargs):
-            if i == 0:
-                first.append(kwargs.get("hidden_states", args[0] if args else None))
-            calls[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if i == len(layers) - 1:
-                raise _Stop
+    def __init__(self, layer: nn.Module, calls: list, i: int, first: list):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)  # some models pick masks by it
+        self.calls, self.i, self.first = calls, i, first
 
-        return hook
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.i == 0:
+            self.first.append(hidden_states)
+        self.calls[self.i] = kwargs
+        return hidden_states
 
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+class Walker:
+    """A model's decoder, a layer at a time, over batches of calibration windows.
+
+    ``reader``: the checkpoint's ``ShardReader`` when ``model``'s layers are still to be read (one at
+    a time, ``lazy.skeleton``); None when the model is in memory."""
+
+    def __init__(self, model, adapter, batches: list[torch.Tensor], reader=None):
+        self.model, self.adapter, self.reader = model, adapter, reader
+        self.layers = adapter.decoder_layers(model)
+        self.hs, self.calls = [], []
+        originals = list(self.layers)
+        for batch in batches:
+            calls, first = [None] * len(originals), []
+            for i, layer in enumerate(originals):
+                self.layers[i] = _Recorder(layer, calls, i, first)
+            try:
+                model.get_decoder()(input_ids=batch, use_cache=False)
+            finally:
+                for i, layer in enumerate(originals):
+                    self.layers[i] = layer
+            self.hs.append(first[0])
+            self.calls.append(calls)
+
+    def layer(self, i: int) -> nn.Module:
+        if self.reader is not None:
+            self.layers[i].load_state_dict(self.reader.state(self.adapter.layer_prefix(i)), strict=True)
+        return self.layers[i]
+
+    def release(self, i: int) -> None:
+        if self.reader is not None:
+            self.layers[i] = self.layers[i].to("meta")
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by a finished layer back to the OS (glibc keeps freed heap pages otherwise,
+    and the resident size would grow by a layer per layer)."""
     try:
-        model.get_decoder()(input_ids=batch, use_cache=False)
-    except _Stop:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-    finally:
-        for h in handles:
-            h.remove()
-    return first[0], calls
 
 
 def _run_layer(layer, attn, h: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
@@ -112,7 +151,7 @@ def _attention_error(module, xs: list, kwargs: list, ys: list) -> float:
 
 
 def _module_for(base_attn, spec, config, meta: dict, state: dict):
-    """The runtime's attention module for ``spec``, holding ``state`` (float32, trainable)."""
+    """The runtime's attention module for ``spec``, holding ``state`` (float32)."""
     module = RUNTIMES[spec.kind].attention(copy.deepcopy(base_attn), spec, config, meta).float()
     module.load_state_dict(state, strict=True)
     return module
@@ -139,43 +178,57 @@ def _fit(module, trainable: tuple[str, ...], xs, kwargs, ys, fit: FitSettings) -
         p.requires_grad_(False)
 
 
+def _cache_bytes(module, runtime_layer, n_layers: int, idx: int, x, kw) -> int:
+    """Bytes ``module`` leaves in a real cache layer (``runtime_layer``) after one batch."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    layers = [DynamicLayer() for _ in range(n_layers)]
+    layers[idx] = runtime_layer
+    cache = Cache(layers=layers)
+    kw = {k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "use_cache")}
+    module(hidden_states=x, **kw, **cache_kwargs(module, cache))
+    return layer_nbytes(cache.layers[idx])
+
+
 @torch.no_grad()
 def sequential_convert(
-    base,
+    walker: Walker,
     plan: Plan,
-    adapter,
-    windows: torch.Tensor,
     calibrated: bool,
     meta: dict,
+    emit: Callable[[int, LayerOutput, nn.Module], None],
     *,
-    batch_size: int = 4,
     inputs: str = "original",
     fit: FitSettings | None = None,
     options: dict | None = None,
     on_layer=None,
-) -> tuple[dict[int, LayerOutput], dict[int, LayerRecord]]:
-    """Every layer of ``plan`` converted in order over the calibration ``windows`` ([n, T] ids)."""
+) -> dict[int, LayerRecord]:
+    """Every layer of ``plan`` converted in order; ``emit(i, output, layer)`` receives each one while
+    its base decoder layer is still in memory (to collect it, or to write its shard)."""
     fit = fit or FitSettings()
-    batches = [windows[i : i + batch_size].to(base.device) for i in range(0, windows.shape[0], batch_size)]
-    hs, calls = zip(*(_decoder_calls(base, adapter, b) for b in batches))
-    hs, calls = list(hs), list(calls)
+    model, adapter = walker.model, walker.adapter
+    config = model.config
+    hs = walker.hs
     hs_conv = list(hs) if inputs == "converted" else None
-    layers = adapter.decoder_layers(base)
-    outputs, records = {}, {}
+    sliding = [adapter.sliding_window(i) is not None for i in range(adapter.n_layers)]
+    records = {}
     for i, spec in enumerate(plan.layers):
-        layer, attn = layers[i], adapter.attention(base, i)
+        layer = walker.layer(i)
+        attn = adapter.attention(model, i)
         method = method_of(spec)
-        queries = "calibration" in method.needs(spec, calibrated, (options or {}).get(spec.kind))
-        stats = new_stats(base.config.hidden_size)
+        opts = (options or {}).get(spec.kind, {})
+        queries = calibrated and "calibration" in method.needs(spec, calibrated, opts)
+        stats = new_stats(config.hidden_size)
         xs, kws, ys, next_hs = [], [], [], []
         for b, h in enumerate(hs):
-            out, x, kw, y = _run_layer(layer, attn, h, calls[b][i])
+            out, x, kw, y = _run_layer(layer, attn, h, walker.calls[b][i])
             next_hs.append(out)
             if hs_conv is not None:  # the converted stream's input to this layer; the target stays the original's
-                x = _run_layer(layer, attn, hs_conv[b], calls[b][i])[1]
-            accumulate(stats, attn, x, adapter, queries)
+                x = _run_layer(layer, attn, hs_conv[b], walker.calls[b][i])[1]
+            if calibrated:
+                accumulate(stats, attn, x, adapter, queries)
             xs.append(x), kws.append(kw), ys.append(y)
-        state = adapter.attention_state(base, i)
+        state = adapter.attention_state(model, i)
         layer_in = LayerInput(
             i,
             state,
@@ -183,39 +236,46 @@ def sequential_convert(
             adapter,
             adapter.k_norm_weight(state),
             stats if calibrated else None,
-            (options or {}).get(spec.kind, {}),
+            opts,
         )
-        candidates = method.convert_candidates(spec, layer_in)
         record = LayerRecord()
-        held_out = slice(len(xs) - 1, len(xs)) if len(xs) > 1 else slice(0, 1)
-        best, best_err = None, None
-        for label, candidate in candidates.items():
-            module = _module_for(attn, spec, base.config, meta, candidate.state)
-            err = _attention_error(module, xs[held_out], kws[held_out], ys[held_out])
+        held_out = slice(len(xs) - 1, len(xs))
+        best = None
+        for label, candidate in method.convert_candidates(spec, layer_in).items():
+            module = _module_for(attn, spec, config, meta, candidate.state)
+            err = _attention_error(module, xs[held_out], kws[held_out], ys[held_out]) if calibrated else 0.0
             record.candidates[label] = err
-            if best_err is None or err < best_err:
-                best, best_err, best_module = (label, candidate), err, module
-        record.chosen, record.error_init = best[0], best_err
-        chosen = best[1]
+            if best is None or err < best[0]:
+                best = (err, label, candidate, module)
+        record.error_init, record.chosen, chosen, module = best
         trainable = method.trainable(spec)
-        if fit.steps and trainable:
-            train = slice(0, max(1, len(xs) - 1))
+        if calibrated and fit.steps and trainable:
             with torch.enable_grad():
-                _fit(best_module, trainable, xs[train], kws[train], ys[train], fit)
-            fitted_err = _attention_error(best_module, xs[held_out], kws[held_out], ys[held_out])
-            if fitted_err <= best_err:  # fitting may never make the layer worse than its initialisation
-                chosen = LayerOutput(
-                    {k: v.detach().clone() for k, v in best_module.state_dict().items()}, chosen.dropped, chosen.info
-                )
-                record.error_fitted = fitted_err
+                train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
+                _fit(module, trainable, xs[train], kws[train], ys[train], fit)
+            fitted = _attention_error(module, xs[held_out], kws[held_out], ys[held_out])
+            record.error_fitted = min(fitted, record.error_init)
+            if fitted <= record.error_init:  # fitting may never make the layer worse than its initialisation
+                state_fitted = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                chosen = LayerOutput(state_fitted, chosen.dropped, chosen.info)
             else:
-                record.error_fitted = best_err
-        outputs[i], records[i] = chosen, record
+                module = _module_for(attn, spec, config, meta, chosen.state)
+        runtime = RUNTIMES[spec.kind]
+        record.cache_bytes = _cache_bytes(
+            module, runtime.cache_layer(spec, config, sliding[i]), adapter.n_layers, i, xs[0], kws[0]
+        )
+        record.base_cache_bytes = _cache_bytes(
+            attn, RUNTIMES["full"].cache_layer(spec, config, sliding[i]), adapter.n_layers, i, xs[0], kws[0]
+        )
         if hs_conv is not None:
-            module = _module_for(attn, spec, base.config, meta, chosen.state)
-            with adapter.attention_replaced(base, i, module):
-                hs_conv = [_run_layer(layer, module, h, calls[b][i])[0] for b, h in enumerate(hs_conv)]
+            with adapter.attention_replaced(model, i, module):
+                hs_conv = [_run_layer(layer, module, h, walker.calls[b][i])[0] for b, h in enumerate(hs_conv)]
+        emit(i, chosen, layer)
+        records[i] = record
+        walker.release(i)
         hs = next_hs
         if on_layer:
             on_layer(1)
-    return outputs, records
+    if not records:
+        raise KvxError("the plan has no layers")
+    return records

@@ -20,17 +20,15 @@ def check_export(fmt: str) -> Exporter:
     return EXPORTS[fmt]
 
 
-def run_export(
-    exporter: Exporter, base, converted, tokenizer, adapter, plan, out, source: str, overwrite: bool
-) -> Path:
-    return exporter.write(base, converted, tokenizer, adapter, plan, Path(out), source, overwrite)
+def run_export(exporter: Exporter, base, converted, tokenizer, adapter, plan, out, overwrite: bool) -> Path:
+    return exporter.write(base, Path(converted), tokenizer, adapter, plan, Path(out), overwrite)
 
 
 def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """``kvx export SRC --format deepseek``: a kvx checkpoint re-laid out for serving engines (default OUT: SRC-FORMAT).
     Formats that need the base model's weights (``native``) are written by ``kvx convert --export``."""
     from ..arch import get_adapter
-    from ..loading import load_model
+    from ..loading import load_source, load_tokenizer
     from ..plan import Plan
 
     if fmt != "deepseek":
@@ -41,13 +39,13 @@ def export_checkpoint(src: str, fmt: str, out: str | Path | None = None, overwri
         raise KvxError(f"checkpoint folder not found: {src} (kvx export reads a local kvx checkpoint)")
     out = Path(out) if out else Path(str(Path(src)).rstrip("/") + f"-{fmt}")
     check_output(out, overwrite)
-    model, tokenizer, _ = load_model(src)
-    if not getattr(model.config, "kvx", None):
+    source, _, config = load_source(src)
+    if not getattr(config, "kvx", None):
         raise KvxError(f"{src} is not a kvx checkpoint: convert it first (kvx convert ... --to mla --layout deepseek)")
     exporter = check_export(fmt)
-    adapter, plan = get_adapter(model.config), Plan.from_config(model.config)
+    adapter, plan = get_adapter(config), Plan.from_config(config)
     exporter.check(plan, adapter)
-    return run_export(exporter, None, model, tokenizer, adapter, plan, out, src, overwrite)
+    return run_export(exporter, None, src, load_tokenizer(source, config), adapter, plan, out, overwrite)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ class Exporter:
         """Refuse (``KvxError``), before any work, a plan or family this format cannot express."""
         raise NotImplementedError
 
-    def write(self, base, converted, tokenizer, adapter, plan, out: Path, source: str, overwrite: bool) -> Path:
-        """Write the export of ``converted`` (built from ``base`` per ``plan``) atomically at ``out``."""
+    def write(self, base: str | None, converted: Path, tokenizer, adapter, plan, out: Path, overwrite: bool) -> Path:
+        """Write atomically at ``out`` the export of the kvx checkpoint ``converted``, made per ``plan``
+        from the model ``base`` (a folder or Hub id; None when only the checkpoint is at hand)."""
         raise NotImplementedError

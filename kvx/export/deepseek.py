@@ -177,9 +177,11 @@ class DeepseekExport(Exporter):
     def check(self, plan: Plan, adapter: ArchAdapter) -> None:
         check_deepseek_plan(plan, adapter)
 
-    def write(self, base, converted, tokenizer, adapter, plan, out: Path, source: str, overwrite: bool) -> Path:
+    def write(self, base, converted: Path, tokenizer, adapter, plan, out: Path, overwrite: bool) -> Path:
         from ..hub import deepseek_card
+        from ..loading import load
 
-        ds = to_deepseek(converted)
-        card = deepseek_card(source, Plan.from_config(converted.config), ds.config)
+        model = load(str(converted))
+        ds = to_deepseek(model)
+        card = deepseek_card(str(converted), Plan.from_config(model.config), ds.config)
         return save_checkpoint(ds, tokenizer, out, lambda _: card, overwrite)

@@ -62,5 +62,11 @@ class NativeExport(Exporter):
         native_layer_types(plan)
         adapter.native_sliding_config(["full_attention"] * adapter.n_layers, 2)
 
-    def write(self, base, converted, tokenizer, adapter, plan, out: Path, source: str, overwrite: bool) -> Path:
-        return export_native(base, tokenizer, adapter, plan, out, overwrite)
+    def write(self, base, converted: Path, tokenizer, adapter, plan, out: Path, overwrite: bool) -> Path:
+        from ..loading import load_model
+
+        if base is None:
+            raise KvxError(
+                "the native export writes the base model's weights: export it with kvx convert --export native"
+            )
+        return export_native(load_model(base, need_tokenizer=False)[0], tokenizer, adapter, plan, out, overwrite)

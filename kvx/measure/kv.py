@@ -46,12 +46,9 @@ def kv_bytes_per_token_spec(model, n_tokens: int) -> float:
     return sum(layer_bytes_spec(model, n_tokens)) / n_tokens
 
 
-def checked_nbytes(model, cache, n_tokens: int, batch: int = 1) -> int:
-    """Bytes ``cache`` holds after ``n_tokens`` tokens of ``batch`` sequences, checked layer by layer
-    against the plan: a ``KvxError`` naming the first layer that disagrees."""
-    plan, _ = _plan_and_geometry(model)
-    want = layer_bytes_spec(model, n_tokens)
-    got = [layer_nbytes(layer) for layer in cache.layers]
+def check_layer_bytes(plan: Plan, got: list[int], want: list[int], n_tokens: int, batch: int = 1) -> int:
+    """``got`` (bytes each layer's cache holds after ``n_tokens`` tokens of ``batch`` sequences) against
+    ``want`` (the plan's, for one sequence); their sum, or a ``KvxError`` naming the first layer that disagrees."""
     if len(got) != len(want):
         raise KvxError(f"the cache has {len(got)} layers but the plan {len(want)}: the runtime built the wrong cache")
     for i, (g, w) in enumerate(zip(got, want)):
@@ -59,10 +56,17 @@ def checked_nbytes(model, cache, n_tokens: int, batch: int = 1) -> int:
             what = "holds nothing" if g == 0 else f"holds {g} bytes"
             raise KvxError(
                 f"layer {i} ({plan.layers[i].kind}): the cache {what} after {n_tokens} tokens, the plan says "
-                f"{w * batch}; "
-                "this runtime does not fill its cache (an unsupported transformers version?)"
+                f"{w * batch}; this runtime does not fill its cache (an unsupported transformers version?)"
             )
     return sum(got)
+
+
+def checked_nbytes(model, cache, n_tokens: int, batch: int = 1) -> int:
+    """Bytes ``cache`` holds after ``n_tokens`` tokens of ``batch`` sequences, checked layer by layer
+    against the plan: a ``KvxError`` naming the first layer that disagrees."""
+    plan, _ = _plan_and_geometry(model)
+    got = [layer_nbytes(layer) for layer in cache.layers]
+    return check_layer_bytes(plan, got, layer_bytes_spec(model, n_tokens), n_tokens, batch)
 
 
 @torch.no_grad()

@@ -1,0 +1,208 @@
+"""Healing per CPU-minute: how each initialisation converts SmolLM2-135M at 4x and 8x KV cuts,
+and how far a short distillation takes it, on the bundled text and on a text of another domain.
+
+Rows: each initialisation (``--init pca``, the current default; ``output``; ``best`` of both
+per layer; ``best`` + layer-wise fitting; the same on the converted layers' inputs). Columns:
+perplexity on the bundled evaluation text (New Testament) and on ``wiki`` (Wikipedia
+vital-article leads, never used for calibration or training) after 0 and each budget of
+distillation tokens (one `kvx distill` run per row, evaluated as it passes each budget), and
+the wall time of each stage. A second table: conversion peak RSS over the weights' size for
+SmolLM2 and for random models of the same width at 8, 16 and 32 layers.
+
+    python benchmarks/healing.py [--ratios 4,8] [--tokens 16384,65536,262144] [--rows all] [--out runs/bench-healing]
+    python benchmarks/healing.py --rss-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SETTINGS = {4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims) on SmolLM2 (384 floats/layer)
+ROWS = {  # id -> (label, kvx convert options)
+    "pca": ("pca (current default)", {"init": "pca"}),
+    "output": ("output-aware", {"init": "output"}),
+    "best": ("best of both, per layer", {"init": "best"}),
+    "fit": ("best + layer-wise fitting", {"init": "best", "fit_steps": 200}),
+    "fit-conv": ("best + fitting, converted inputs", {"init": "best", "fit_steps": 200, "calib_inputs": "converted"}),
+}
+TEXTS = ("bundled", "wiki")
+BATCH, SEQ = 4, 256  # distillation batches: 1024 tokens per step
+
+# One `kvx convert` in a launcher that reports its child's peak RSS (see mla_quality.py for why a launcher).
+LAUNCHER = (
+    "import resource, subprocess, sys; "
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
+
+
+def _ppl(model, windows: dict) -> dict:
+    """Perplexity of ``model`` (or the checkpoint at that path) on each text's windows."""
+    from kvx.loading import load
+    from kvx.measure.perplexity import perplexity
+
+    model = load(model) if isinstance(model, (str, Path)) else model
+    return {text: perplexity(model, w) for text, w in windows.items()}
+
+
+def quality(a, out: Path) -> list[dict]:
+    from kvx.convert import convert
+    from kvx.data import token_windows
+    from kvx.distill import distill
+    from kvx.loading import load_model
+
+    base = load_model("smollm2-135m")
+    windows = {t: token_windows(base[1], t, "eval", a.eval_tokens, 512) for t in TEXTS}
+    original = _ppl(base[0], windows)
+    budgets = [int(t) for t in a.tokens.split(",") if t] if a.tokens else []
+    rows = []
+    for ratio in (int(r) for r in a.ratios.split(",")):
+        rank, rope = SETTINGS[ratio]
+        for key, (label, opts) in ROWS.items():
+            if a.rows != "all" and key not in a.rows.split(","):
+                continue
+            name = f"x{ratio}-" + "-".join(f"{k}={v}" for k, v in opts.items())
+            conv = out / name
+            t0 = time.perf_counter()
+            convert("smollm2-135m", conv, kv_rank=rank, rope_dims=rope, overwrite=True, loaded=base, **opts)
+            row = {
+                "ratio": ratio,
+                "label": label,
+                "convert_s": time.perf_counter() - t0,
+                "ppl": {0: _ppl(conv, windows)},
+            }
+            if budgets:
+                healed = out / f"{name}-healed"
+                t0 = time.perf_counter()
+                distill(
+                    str(conv),
+                    healed,
+                    tokens=max(budgets),
+                    seq_len=SEQ,
+                    batch_size=BATCH,
+                    lr=3e-4,
+                    eval_every=min(budgets) // (BATCH * SEQ),
+                    eval_tokens=a.eval_tokens,
+                    overwrite=True,
+                    eval_data=",".join(TEXTS),
+                )
+                row["distill_s"] = time.perf_counter() - t0
+                metrics = [json.loads(line) for line in (healed / "metrics.jsonl").read_text().splitlines()]
+                for m in metrics:
+                    if m["tokens"] in budgets:
+                        row["ppl"][m["tokens"]] = {t: m[f"eval_ppl_{t}"] for t in TEXTS}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+
+    device = (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name()
+    )
+    print(
+        f"\nSmolLM2-135M-Instruct (bundled), float32, {device}, torch {torch.__version__}. Perplexity: "
+        f"{a.eval_tokens} tokens per text in windows of 512; original model bundled {original['bundled']:.2f}, "
+        f"wiki {original['wiki']:.2f}."
+    )
+    print(
+        "Conversion: 16384 calibration tokens of the bundled Old Testament, 2norm RoPE pairs. "
+        "Distillation: `kvx distill`, "
+        f"KL from the original, converted weights only, lr 3e-4, batches of {BATCH} x {SEQ}, one run per row evaluated "
+        "as it passes each budget (so an earlier budget saw a learning rate scheduled for the largest).\n"
+    )
+    cols = [0] + budgets
+    head = " | ".join(f"{t} @{c // 1024}k" if c else f"{t} @0" for c in cols for t in TEXTS)
+    print(f"| KV cut | initialisation | {head} | convert (s) | distill (s) |")
+    print("| --- | --- |" + " --- |" * (2 * len(cols) + 2))
+    for r in rows:
+        cells = [f"{r['ppl'][c][t]:.2f}" if c in r["ppl"] else "not run" for c in cols for t in TEXTS]
+        print(
+            f"| {r['ratio']}x | {r['label']} | "
+            + " | ".join(cells)
+            + f" | {r['convert_s']:.0f} | {r.get('distill_s', 0):.0f} |"
+        )
+    return rows
+
+
+def _random_model(path: Path, layers: int) -> None:
+    """A random model of SmolLM2-135M's width with ``layers`` layers, with SmolLM2's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kvx.loading import resolve
+
+    src = resolve("smollm2-135m")[0]
+    config = AutoConfig.from_pretrained(src)
+    config.num_hidden_layers = layers
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+
+
+def rss(out: Path) -> None:
+    from kvx.loading import resolve
+
+    models = {"SmolLM2-135M (30 layers)": resolve("smollm2-135m")[0]}
+    for n in (8, 16, 32):
+        path = out / f"random-{n}"
+        if not (path / "config.json").exists():
+            _random_model(path, n)
+        models[f"random, SmolLM2 width, {n} layers"] = str(path)
+    print("\n| model | weights (MiB) | convert wall (s) | peak RSS (MiB) | RSS / weights |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, path in models.items():
+        weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) / 2**20
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                LAUNCHER,
+                sys.executable,
+                "-m",
+                "kvx.cli",
+                "convert",
+                path,
+                "--kv-rank",
+                "60",
+                "--rope-dims",
+                "36",
+                "-o",
+                str(out / "rss-out"),
+                "--overwrite",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-2000:])
+        peak = int(proc.stdout.split()[-1]) / 1024
+        print(f"| {label} | {weights:.0f} | {wall:.0f} | {peak:.0f} | {peak / weights:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="4,8")
+    ap.add_argument("--tokens", default="16384,65536,262144", help="distillation budgets; '' for none")
+    ap.add_argument("--rows", default="all", help=f"'all' or some of {','.join(ROWS)}")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--rss-only", action="store_true")
+    ap.add_argument("--out", default="runs/bench-healing")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.rss_only:
+        quality(a, out)
+    rss(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: loading a checkpoint as a user without kvx would, and the
-transformers range kvx declares (read from the installed package's own metadata)."""
+"""Helpers shared by the tests: loading a checkpoint as a user without kvx would, every
+tensor of a sharded checkpoint, and the transformers range kvx declares (read from the
+installed package's own metadata)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
+from safetensors.torch import load_file
 
 # Runs in a fresh interpreter where `import kvx` fails, as on a user's machine without kvx.
 # For each checkpoint it writes what it saw to one .pt file: versions, layer and cache
@@ -90,3 +92,11 @@ def declared_transformers_range() -> tuple[Version, Version]:
             assert lo and hi, f"kvx must declare transformers as >=OLDEST,<=NEWEST (tested), not {req.specifier}"
             return lo[0], hi[0]
     raise AssertionError("kvx declares no transformers requirement")
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whatever its sharding (kvx writes a shard per layer)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kvx
@@ -18,6 +17,8 @@ from kvx.convert import convert
 from kvx.data import token_windows
 from kvx.distill import distill, kl_loss
 from kvx.errors import KvxError
+
+from .helpers import checkpoint_tensors
 
 TRAIN = dict(seq_len=64, batch_size=4, lr=3e-3)
 
@@ -43,7 +44,7 @@ def test_a_few_steps_reduce_the_kd_loss_and_only_train_converted_weights(student
     trained_on = token_windows(tokenizer, "bundled", "calib", 64 * 4 * 12, 64)
     assert _kl(out, src, trained_on) < 0.95 * _kl(mla, src, trained_on)
     assert summary["steps"] == 12 and {"ppl_before", "ppl_after", "ppl_teacher"} <= set(summary)
-    before, after = load_file(next(mla.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
+    before, after = checkpoint_tensors(mla), checkpoint_tensors(out)
     for name, tensor in before.items():
         changed = not torch.equal(tensor, after[name])
         assert changed == any(part in name for part in ("kv_a_proj", "kv_b_proj", "k_rope_proj")), name
@@ -68,7 +69,7 @@ def test_resume_continues_exactly(student, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
     for a, b in zip(resumed[5:], original[4:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)  # the identical next batches
-    a, b = load_file(next(full.glob("*.safetensors"))), load_file(next(cut.glob("*.safetensors")))
+    a, b = checkpoint_tensors(full), checkpoint_tensors(cut)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
@@ -146,7 +147,7 @@ def test_lora_trains_adapters_and_converted_weights_then_merges(student, tmp_pat
     src, mla = student
     out = tmp_path / "lora"
     distill(str(mla), out, tokens=64 * 4 * 12, train="lora", lora_rank=4, **TRAIN)
-    before, after = load_file(next(mla.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
+    before, after = checkpoint_tensors(mla), checkpoint_tensors(out)
     assert set(after) == set(before)  # merged: no adapter weights left in the checkpoint
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert any("kv_a_proj" in n for n in changed) and any("mlp.up_proj" in n for n in changed)

@@ -108,3 +108,37 @@ def test_wiki_is_a_second_evaluation_text_never_calibration():
     assert "Bible" not in docs[0][:2000] and "thee" not in docs[0][:2000]
     with pytest.raises(KvxError, match="evaluation text only"):
         load_documents("wiki", "calib")
+
+
+def test_text_the_model_writes_is_sampled_in_batches_cached_and_calibrates(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import kvx
+    from kvx.convert import convert
+    from kvx.generate import BATCH, SEED_PROMPTS, generated_windows, text_windows
+
+    monkeypatch.setenv("KVX_CACHE", str(tmp_path / "cache"))
+    src = tiny_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    n = BATCH + 3  # two batches, the second a short one
+    windows = generated_windows(model, tokenizer, n * 32, 32, cache_key=str(src))
+    assert windows.shape == (n, 32) and windows.dtype == torch.long
+    for i in (0, BATCH + 2):  # each window starts with its own opening, unpadded
+        opening = tokenizer(SEED_PROMPTS[i % len(SEED_PROMPTS)], add_special_tokens=False).input_ids
+        assert windows[i, : len(opening)].tolist() == opening
+
+    def must_not_load():
+        raise AssertionError("cached text must not load the model")
+
+    assert torch.equal(generated_windows(must_not_load, tokenizer, n * 32, 32, cache_key=str(src)), windows)
+    assert torch.equal(generated_windows(must_not_load, tokenizer, 5 * 32, 32, cache_key=str(src)), windows[:5])
+    longer = generated_windows(model, tokenizer, (2 * BATCH + 1) * 32, 32, cache_key=str(src))
+    assert longer.shape[0] == 2 * BATCH + 1 and torch.equal(longer[:n], windows)  # extended, not resampled
+    mixed = text_windows(must_not_load, tokenizer, "teacher+bundled", 8 * 32, 32, cache_key=str(src))
+    assert torch.equal(mixed[0::2], windows[:4]) and torch.equal(
+        mixed[1::2], token_windows(tokenizer, "bundled", "calib", 4 * 32, 32)
+    )
+    out = tmp_path / "mla"
+    convert(str(src), out, kv_rank=4, rope_dims=4, calib="teacher", calib_tokens=256, calib_seq_len=64)
+    assert kvx.load(str(out)).config.kvx["conversion"]["calib"] == "teacher"

@@ -55,16 +55,7 @@ def convert_layers(base_model, plan: Plan, adapter, stats: dict, on_layer=None, 
 
     outputs = {}
     for i, spec in enumerate(plan.layers):
-        state = adapter.attention_state(base_model, i)
-        layer = LayerInput(
-            i,
-            state,
-            adapter.attention_weights(state),
-            adapter,
-            adapter.k_norm_weight(state),
-            stats.get(i),
-            (options or {}).get(spec.kind, {}),
-        )
+        layer = LayerInput.read(adapter, base_model, i, stats.get(i), (options or {}).get(spec.kind))
         outputs[i] = method_of(spec).convert_layer(spec, layer)
         if on_layer:
             on_layer(1)

@@ -34,7 +34,11 @@ class ConvertConfig:
     plan: str | None = opt(
         None, "A per-layer plan (plan.yaml from kvx profile) instead of --to/--layers and the options."
     )
-    calib: str = opt("bundled", "Calibration text (as --data), or 'none' for weights-only conversion.")
+    calib: str = opt(
+        "bundled",
+        "Calibration text (as --data), 'teacher' (text the model writes itself, cached), a mix such as "
+        "'teacher+bundled', or 'none' for weights-only conversion.",
+    )
     calib_tokens: int = opt(16384, "Calibration tokens.")
     calib_seq_len: int = opt(512, "Calibration window length (tokens).")
     calib_inputs: str = opt(

@@ -13,12 +13,12 @@ import torch
 
 from ..arch import get_adapter
 from ..checkpoint import atomic_dir, check_output
-from ..data import token_windows
 from ..errors import KvxError
 from ..export import check_export, run_export
+from ..generate import text_windows
 from ..hub import model_card
 from ..io import ShardWriter
-from ..loading import load_model, load_source, load_tokenizer
+from ..loading import load_model, load_source, load_tokenizer, resolve
 from ..measure.kv import check_layer_bytes
 from ..methods import get_method, method_of
 from ..modeling.modeling_kvx import write_checkpoint_files
@@ -108,6 +108,16 @@ def _outer_tensors(model, adapter, reader) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(layers) and k not in tied}
 
 
+def _calibration_windows(cfg: ConvertConfig, model: str, loaded: tuple | None, tokenizer, progress: Progress):
+    """The calibration text's windows; ``teacher``: text the source model writes (loaded for that
+    alone and freed, unless the caller holds it; cached, so a second conversion samples nothing)."""
+    writer = loaded[0] if loaded is not None else (lambda: load_model(model)[0])
+    on_window = progress("the model writes its calibration text", cfg.calib_tokens) if "teacher" in cfg.calib else None
+    return text_windows(
+        writer, tokenizer, cfg.calib, cfg.calib_tokens, cfg.calib_seq_len, 0, resolve(model)[0], on_window
+    )
+
+
 def convert(
     model: str,
     out: str | Path,
@@ -166,7 +176,7 @@ def convert(
     elif base is None:
         base = load_model(model, need_tokenizer=False)[0]
     if calibrated:
-        windows = token_windows(tokenizer, cfg.calib, "calib", cfg.calib_tokens, cfg.calib_seq_len)
+        windows = _calibration_windows(cfg, model, loaded, tokenizer, progress)
     else:  # no statistics: one batch to run each layer through, for its cache measurement
         windows = (torch.arange(_probe_len(plan, cfg, config)) % config.vocab_size)[None]
     batches = [windows[i : i + 4] for i in range(0, windows.shape[0], 4)]

@@ -157,8 +157,30 @@ def _module_for(base_attn, spec, config, meta: dict, state: dict):
     return module
 
 
+def _rows(value, j: int, batch: int):
+    """Row ``j`` of every tensor in a call argument whose first dimension is the batch."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+        return value[j : j + 1]
+    if isinstance(value, tuple):
+        return tuple(_rows(v, j, batch) for v in value)
+    return value
+
+
+def _windows(xs, kwargs, ys) -> tuple[list, list, list]:
+    """The batches split into single windows (a fitting step then costs one window's forward)."""
+    out = ([], [], [])
+    for x, kw, y in zip(xs, kwargs, ys):
+        for j in range(x.shape[0]):
+            out[0].append(x[j : j + 1])
+            out[1].append({k: _rows(v, j, x.shape[0]) for k, v in kw.items()})
+            out[2].append(y[j : j + 1])
+    return out
+
+
 def _fit(module, trainable: tuple[str, ...], xs, kwargs, ys, fit: FitSettings) -> None:
-    """Adam on the named submodules of ``module`` so that its output matches ``ys`` (batches in turn)."""
+    """Adam on the named submodules of ``module`` so that its output matches ``ys``, one calibration
+    window per step, the windows in turn."""
+    xs, kwargs, ys = _windows(xs, kwargs, ys)
     params = [p for n, p in module.named_parameters() if n.split(".")[0] in trainable]
     for p in module.parameters():
         p.requires_grad_(False)
@@ -228,16 +250,7 @@ def sequential_convert(
             if calibrated:
                 accumulate(stats, attn, x, adapter, queries)
             xs.append(x), kws.append(kw), ys.append(y)
-        state = adapter.attention_state(model, i)
-        layer_in = LayerInput(
-            i,
-            state,
-            adapter.attention_weights(state),
-            adapter,
-            adapter.k_norm_weight(state),
-            stats if calibrated else None,
-            opts,
-        )
+        layer_in = LayerInput.read(adapter, model, i, stats if calibrated else None, opts)
         record = LayerRecord()
         held_out = slice(len(xs) - 1, len(xs))
         best = None

@@ -1,14 +1,13 @@
 """Heal a converted model: short teacher distillation on accelerate."""
 
 from .config import DistillConfig
-from .data import SEED_PROMPTS, training_windows
+from .data import training_windows
 from .loop import run_distill, select_trainable
 from .losses import LOSSES, distill_loss, kl_loss
 from .run import distill
 
 __all__ = [
     "LOSSES",
-    "SEED_PROMPTS",
     "DistillConfig",
     "distill",
     "distill_loss",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import opt
 from ..errors import KvxError
+from ..generate import mix_parts
 from .losses import LOSSES
 
 TRAIN_MODES = ("converted", "all", "lora")
@@ -15,7 +16,9 @@ TRAIN_MODES = ("converted", "all", "lora")
 class DistillConfig:
     teacher: str | None = opt(None, "Teacher (default: the model STUDENT was converted from); same tokenizer.")
     data: str = opt(
-        "bundled", "Training text: 'bundled', a file/folder, hf:NAME, or 'teacher' (text the teacher writes)."
+        "bundled",
+        "Training text: 'bundled', a file/folder, hf:NAME, 'teacher' (text the teacher writes), or a mix "
+        "such as 'teacher+bundled' (tokens shared equally).",
     )
     tokens: int = opt(262_144, "Training tokens.")
     seq_len: int = opt(256, "Sequence length.")
@@ -30,15 +33,15 @@ class DistillConfig:
     eval_tokens: int = opt(4096, "Tokens of each evaluation text's windows.")
     eval_data: str = opt(
         "auto",
-        "Evaluation texts, comma-separated ('auto': the training data's eval part, bundled for --data teacher, "
+        "Evaluation texts, comma-separated ('auto': the training data's eval parts, bundled for --data teacher, "
         "then wiki, a text of another domain never trained on).",
     )
 
     def eval_texts(self) -> list[str]:
         if self.eval_data != "auto":
             return [t.strip() for t in self.eval_data.split(",") if t.strip()]
-        first = "bundled" if self.data == "teacher" else self.data
-        return list(dict.fromkeys([first, "wiki"]))
+        sources = [p for p in mix_parts(self.data) if p != "teacher"] or ["bundled"]
+        return list(dict.fromkeys(sources + ["wiki"]))
 
     save_every: int = opt(0, "Resumable checkpoint every K steps (0: none).")
     mixed_precision: str = opt("no", "no | bf16 | fp16 (accelerate).")

@@ -13,7 +13,7 @@ from ..checkpoint import save_checkpoint
 from ..data import token_windows
 from ..errors import KvxError
 from ..hub import model_card
-from ..loading import load_model
+from ..loading import load_model, resolve
 from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from ..measure.perplexity import perplexity
 from ..plan import Plan
@@ -72,7 +72,8 @@ def distill(
         tokens,
         seq_len,
         seed,
-        progress("teacher writes text", tokens) if data == "teacher" else None,
+        progress("teacher writes text", tokens) if "teacher" in data else None,
+        cache_key=resolve(teacher)[0],
     )
     evals = {text: token_windows(tok, text, "eval", cfg.eval_tokens, seq_len) for text in cfg.eval_texts()}
     eval_windows = next(iter(evals.values()))  # the first text's figures are the headline ones

@@ -42,6 +42,14 @@ class LayerInput:
     stats: Any = None  # calibration.LayerStats
     options: dict = field(default_factory=dict)  # the method's conversion options (``Method.conversion_options``)
 
+    @classmethod
+    def read(cls, adapter, model, index: int, stats=None, options: dict | None = None) -> LayerInput:
+        """Layer ``index`` of ``model`` as its method sees it."""
+        state = adapter.attention_state(model, index)
+        return cls(
+            index, state, adapter.attention_weights(state), adapter, adapter.k_norm_weight(state), stats, options or {}
+        )
+
 
 @dataclass
 class LayerOutput:

@@ -9,7 +9,10 @@ from ..config import opt
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    data: str = opt("bundled", "Text: 'bundled', a file/folder, or hf:NAME[:CONFIG][:SPLIT].")
+    data: str = opt(
+        "bundled",
+        "Text: 'bundled', a file/folder, hf:NAME[:CONFIG][:SPLIT], 'teacher' (the model's own), or a mix (a+b).",
+    )
     tokens: int = opt(8192, "Tokens to profile (from DATA's calibration part).")
     seq_len: int = opt(1024, "Sequence length of each profiled window.")
     reference: str | None = opt(

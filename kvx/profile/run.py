@@ -6,9 +6,9 @@ from pathlib import Path
 
 from ..arch import get_adapter
 from ..checkpoint import atomic_dir, check_output
-from ..data import token_windows
 from ..errors import KvxError
-from ..loading import load_model
+from ..generate import text_windows
+from ..loading import load_model, resolve
 from ..measure.attention import ProfileSettings, attention_maps, cross_scale_similarity, run_profile
 from ..measure.metrics import energy_ranks
 from ..methods.mla.maths import full_rank, joint_kv, output_spectrum, select_pairs, validate_rope_dims
@@ -69,7 +69,7 @@ def profile(
             )
         get_adapter(ref.config)
 
-    windows = token_windows(tokenizer, data, "calib", tokens, seq_len)
+    windows = text_windows(base, tokenizer, data, tokens, seq_len, cache_key=resolve(model)[0])
     settings = ProfileSettings(sink=sink, window=window, topk=topk)
     col = run_profile(base, adapter, windows, settings, on_batch=progress("profiling", windows.numel()))
 

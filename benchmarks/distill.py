@@ -99,6 +99,7 @@ def main() -> None:
             "-o",
             str(mla),
             "--overwrite",
+            *("--calib", "bundled", "--init", "pca", "--fit-steps", "0"),  # kvx 0.1's conversion, as in the README
         )
         kvx(
             "distill",

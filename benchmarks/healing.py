@@ -1,16 +1,18 @@
 """Healing per CPU-minute: how each initialisation converts SmolLM2-135M at 4x and 8x KV cuts,
 and how far a short distillation takes it, on the bundled text and on a text of another domain.
 
-Rows: each initialisation (``--init pca``, the current default; ``output``; ``best`` of both
-per layer; ``best`` + layer-wise fitting; the same on the converted layers' inputs). Columns:
+Rows: each initialisation (``--init pca``, kvx 0.1's default; ``output``; ``best`` of both
+per layer; ``best`` + layer-wise fitting; the same on the converted layers' inputs, on text the
+model writes itself, and on that text mixed with the bundled one). Columns:
 perplexity on the bundled evaluation text (New Testament) and on ``wiki`` (Wikipedia
 vital-article leads, never used for calibration or training) after 0 and each budget of
 distillation tokens (one `kvx distill` run per row, evaluated as it passes each budget), and
 the wall time of each stage. A second table: conversion peak RSS over the weights' size for
 SmolLM2 and for random models of the same width at 8, 16 and 32 layers.
 
-    python benchmarks/healing.py [--ratios 4,8] [--tokens 16384,65536,262144] [--rows all] [--out runs/bench-healing]
-    python benchmarks/healing.py --rss-only
+    python benchmarks/healing.py [--ratios 4,8] [--tokens 16384,65536,262144] [--rows all]
+        [--distill-rows pca,fit-mix] [--out runs/bench-healing]
+    python benchmarks/healing.py --rss-only   (bundled calibration, no fitting: the memory of the machinery)
 """
 
 from __future__ import annotations
@@ -27,12 +29,22 @@ from pathlib import Path
 import torch
 
 SETTINGS = {4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims) on SmolLM2 (384 floats/layer)
+FIT = 100  # layer-wise fitting steps (one calibration window each)
+BIBLE = {"calib": "bundled", "fit_steps": 0}  # kvx 0.1's calibration: the bundled text, no fitting
 ROWS = {  # id -> (label, kvx convert options)
-    "pca": ("pca (current default)", {"init": "pca"}),
-    "output": ("output-aware", {"init": "output"}),
-    "best": ("best of both, per layer", {"init": "best"}),
-    "fit": ("best + layer-wise fitting", {"init": "best", "fit_steps": 200}),
-    "fit-conv": ("best + fitting, converted inputs", {"init": "best", "fit_steps": 200, "calib_inputs": "converted"}),
+    "pca": ("pca (kvx 0.1 default)", {**BIBLE, "init": "pca"}),
+    "output": ("output-aware", {**BIBLE, "init": "output"}),
+    "best": ("best of both, per layer", {**BIBLE, "init": "best"}),
+    "fit": ("best + layer-wise fitting", {**BIBLE, "init": "best", "fit_steps": FIT}),
+    "fit-conv": (
+        "best + fitting, converted inputs",
+        {**BIBLE, "init": "best", "fit_steps": FIT, "calib_inputs": "converted"},
+    ),
+    "fit-teacher": ("best + fitting, own text", {"init": "best", "fit_steps": FIT, "calib": "teacher"}),
+    "fit-mix": (
+        "best + fitting, own text + bundled (the new default)",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled"},
+    ),
 }
 TEXTS = ("bundled", "wiki")
 BATCH, SEQ = 4, 256  # distillation batches: 1024 tokens per step
@@ -58,12 +70,16 @@ def quality(a, out: Path) -> list[dict]:
     from kvx.convert import convert
     from kvx.data import token_windows
     from kvx.distill import distill
-    from kvx.loading import load_model
+    from kvx.generate import generated_windows
+    from kvx.loading import load_model, resolve
 
     base = load_model("smollm2-135m")
     windows = {t: token_windows(base[1], t, "eval", a.eval_tokens, 512) for t in TEXTS}
     original = _ppl(base[0], windows)
     budgets = [int(t) for t in a.tokens.split(",") if t] if a.tokens else []
+    t0 = time.perf_counter()  # the model's own text, sampled once here unless cached (the rows reuse it)
+    generated_windows(base[0], base[1], 16384, 512, cache_key=resolve("smollm2-135m")[0])
+    sampled_s = time.perf_counter() - t0
     rows = []
     for ratio in (int(r) for r in a.ratios.split(",")):
         rank, rope = SETTINGS[ratio]
@@ -80,7 +96,7 @@ def quality(a, out: Path) -> list[dict]:
                 "convert_s": time.perf_counter() - t0,
                 "ppl": {0: _ppl(conv, windows)},
             }
-            if budgets:
+            if budgets and key in a.distill_rows.split(","):
                 healed = out / f"{name}-healed"
                 t0 = time.perf_counter()
                 distill(
@@ -114,10 +130,13 @@ def quality(a, out: Path) -> list[dict]:
         f"wiki {original['wiki']:.2f}."
     )
     print(
-        "Conversion: 16384 calibration tokens of the bundled Old Testament, 2norm RoPE pairs. "
+        "Conversion: 16384 calibration tokens (the bundled Old Testament unless the row says otherwise: 'own text' is "
+        f"text the model writes itself, `--calib teacher`, sampled once in {sampled_s:.0f} s, 0 s if it was cached, "
+        f"and not counted in the rows), 2norm RoPE pairs, layer-wise fitting {FIT} steps. "
         "Distillation: `kvx distill`, "
-        f"KL from the original, converted weights only, lr 3e-4, batches of {BATCH} x {SEQ}, one run per row evaluated "
-        "as it passes each budget (so an earlier budget saw a learning rate scheduled for the largest).\n"
+        f"KL from the original on the bundled text, converted weights only, lr 3e-4, batches of {BATCH} x {SEQ}, "
+        "one run per distilled row evaluated as it passes each budget "
+        "(so an earlier budget saw a learning rate scheduled for the largest).\n"
     )
     cols = [0] + budgets
     head = " | ".join(f"{t} @{c // 1024}k" if c else f"{t} @0" for c in cols for t in TEXTS)
@@ -177,6 +196,9 @@ def rss(out: Path) -> None:
                 "-o",
                 str(out / "rss-out"),
                 "--overwrite",
+                # The layer-at-a-time machinery alone: the model's own text would load the whole model once to
+                # sample it, and fitting adds time, not memory.
+                *("--calib", "bundled", "--fit-steps", "0"),
             ],
             capture_output=True,
             text=True,
@@ -193,15 +215,18 @@ def main() -> None:
     ap.add_argument("--ratios", default="4,8")
     ap.add_argument("--tokens", default="16384,65536,262144", help="distillation budgets; '' for none")
     ap.add_argument("--rows", default="all", help=f"'all' or some of {','.join(ROWS)}")
+    ap.add_argument("--distill-rows", default="pca,fit-mix", help="the rows that are also distilled")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--rss-only", action="store_true")
+    ap.add_argument("--no-rss", action="store_true", help="skip the RSS table")
     ap.add_argument("--out", default="runs/bench-healing")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not a.rss_only:
         quality(a, out)
-    rss(out)
+    if not a.no_rss:
+        rss(out)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def main() -> None:
             rope_dims=rope,
             rope_select=select,
             layout=layout,
+            calib="bundled",  # kvx 0.1's conversion, as the README table was measured
+            init="pca",
+            fit_steps=0,
             overwrite=True,
             loaded=base,
         )["kv"]

@@ -30,9 +30,27 @@ from kvx.measure.kv import kv_bytes_per_token
 SETTINGS = {2: (144, 48), 4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims)
 METHODS = {  # name -> extra convert flags
     "weights-only SVD, high-freq RoPE": ["--calib", "none", "--rope-select", "high"],
-    "activation-aware, high-freq RoPE": ["--rope-select", "high"],
-    "activation-aware, 2-norm RoPE": ["--rope-select", "2norm"],
-}
+    "activation-aware, high-freq RoPE": [
+        "--calib",
+        "bundled",
+        "--init",
+        "pca",
+        "--fit-steps",
+        "0",
+        "--rope-select",
+        "high",
+    ],
+    "activation-aware, 2-norm RoPE": [
+        "--calib",
+        "bundled",
+        "--init",
+        "pca",
+        "--fit-steps",
+        "0",
+        "--rope-select",
+        "2norm",
+    ],
+}  # kvx 0.1's conversion (bundled calibration, PCA, no fitting): benchmarks/healing.py compares the new ones
 
 
 # A small launcher process runs the conversion and reports its child's peak RSS. Measuring a

@@ -125,7 +125,10 @@ def text_windows(
     sources' windows interleaved so that every batch holds all of them)."""
     parts = mix_parts(data)
     if n_tokens < seq_len * len(parts):
-        raise KvxError(f"{n_tokens} tokens are less than one window of {seq_len} per source of {data!r}")
+        raise KvxError(
+            f"{n_tokens} tokens are less than one window of {seq_len} per source of {data!r}: "
+            f"give at least {seq_len * len(parts)} tokens or one source"
+        )
     per = [seq_len * (n_tokens // seq_len // len(parts))] * len(parts)
     got = [
         generated_windows(writer, tokenizer, n, seq_len, seed, cache_key, on_window)

@@ -64,7 +64,7 @@ def test_run_recipe_end_to_end_and_resume(tiny_dir, tmp_path):
             "window": 32,
             "lazy_threshold": 0.0,
         },  # random weights are not lazy: let the laziest layer stream anyway
-        "convert": {"plan": "profile", "calib_tokens": 512},
+        "convert": {"plan": "profile", "calib_tokens": 1024},  # a window of each source of the mix
         "distill": {"tokens": 1024, "seq_len": 64, "batch_size": 4, "save_every": 1, "lr": 1e-3},
         "eval": {"max_tokens": 512, "seq_len": 128},
     }

@@ -35,9 +35,9 @@ class ConvertConfig:
         None, "A per-layer plan (plan.yaml from kvx profile) instead of --to/--layers and the options."
     )
     calib: str = opt(
-        "bundled",
+        "teacher+bundled",
         "Calibration text (as --data), 'teacher' (text the model writes itself, cached), a mix such as "
-        "'teacher+bundled', or 'none' for weights-only conversion.",
+        "'teacher+bundled' (the default: it generalised best), or 'none' for weights-only conversion.",
     )
     calib_tokens: int = opt(16384, "Calibration tokens.")
     calib_seq_len: int = opt(512, "Calibration window length (tokens).")
@@ -47,7 +47,7 @@ class ConvertConfig:
         "'converted' (those of the layers already converted, so each layer corrects the errors below it).",
     )
     fit_steps: int = opt(
-        0,
+        100,
         "Layer-wise fitting: Adam steps per converted layer on its new weights alone, towards the original "
         "attention output on the calibration text (0: none). Never leaves a layer worse than its initialisation.",
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..data import token_windows
 from ..errors import KvxError
+from ..generate import mix_parts, text_windows
 
 
 def lazy_ratios(
@@ -25,7 +25,7 @@ def lazy_ratios(
     seq_len = min(seq_len or 2 * (sink + window + 1), getattr(model.config, "max_position_embeddings", 1 << 30))
     if seq_len <= sink + window:
         raise KvxError(f"sink {sink} + window {window} leaves no room inside the model's {seq_len} positions")
-    windows = token_windows(tokenizer, data, "calib", max(tokens, seq_len), seq_len)
+    windows = text_windows(model, tokenizer, data, max(tokens, seq_len), seq_len)
     settings = ProfileSettings(sink=sink, window=window, topk=1)
     on_batch = progress("measuring lazy layers", windows.numel()) if progress else None
     col = run_profile(model, adapter, windows, settings, on_batch=on_batch)
@@ -33,7 +33,10 @@ def lazy_ratios(
 
 
 def _lazy_ratio(model, tokenizer, adapter, spec, cfg, progress) -> list[float]:
-    data = cfg.calib if cfg.calibrated else "bundled"
+    """On the calibration text's corpus part: the model's own text would have to be sampled in
+    windows of ~2k tokens for this alone (minutes per window on a CPU), so ``teacher`` is left out."""
+    corpus = [p for p in mix_parts(cfg.calib) if p != "teacher"] if cfg.calibrated else []
+    data = "+".join(corpus) or "bundled"
     return lazy_ratios(model, tokenizer, adapter, data, spec.sink, spec.window, progress=progress)
 
 

@@ -198,6 +198,8 @@ class OutputWeighting:
 
 def _sqrtm(m: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
     """Symmetric square root of a PSD matrix, eigenvalues floored (relative) so it stays invertible."""
+    if m.numel() == 0:  # a KV head that keeps every dim with RoPE has no NoPE key rows
+        return m.double()
     evals, evecs = torch.linalg.eigh(m.double())
     evals = evals.clamp_min(float(evals.max().clamp_min(1e-30)) * floor)
     return (evecs * evals.sqrt()) @ evecs.T

@@ -115,6 +115,11 @@ def load_documents(data: str, split: str = "eval", max_chars: int = 50_000_000) 
         docs = _hub_docs(data, max_chars)
     else:
         path = Path(data).expanduser()
+        if not path.exists() and (data == "teacher" or "+" in data):
+            raise KvxError(
+                f"{data!r}: the model's own text and mixes are calibration and training data, made by "
+                "kvx convert / distill / profile; evaluate on bundled, wiki, a file or hf:NAME"
+            )
         if not path.exists():
             raise KvxError(f"data not found: {data} (give a text file, a folder, hf:NAME or 'bundled')")
         docs = _local_docs(path)

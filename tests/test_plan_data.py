@@ -139,6 +139,8 @@ def test_text_the_model_writes_is_sampled_in_batches_cached_and_calibrates(tiny_
     assert torch.equal(mixed[0::2], windows[:4]) and torch.equal(
         mixed[1::2], token_windows(tokenizer, "bundled", "calib", 4 * 32, 32)
     )
+    with pytest.raises(KvxError, match="calibration and training data"):
+        token_windows(tokenizer, "teacher+bundled", "eval", 256, 32)
     out = tmp_path / "mla"
     convert(str(src), out, kv_rank=4, rope_dims=4, calib="teacher", calib_tokens=256, calib_seq_len=64)
     assert kvx.load(str(out)).config.kvx["conversion"]["calib"] == "teacher"

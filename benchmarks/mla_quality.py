@@ -28,29 +28,13 @@ from kvx.measure.kv import kv_bytes_per_token
 
 # SmolLM2-135M caches 2 x 3 KV heads x 64 = 384 floats per token and layer.
 SETTINGS = {2: (144, 48), 4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims)
+# kvx 0.1's calibrated conversion (bundled text, PCA, no fitting): benchmarks/healing.py compares the new ones.
+KVX01 = ["--calib", "bundled", "--init", "pca", "--fit-steps", "0"]
 METHODS = {  # name -> extra convert flags
     "weights-only SVD, high-freq RoPE": ["--calib", "none", "--rope-select", "high"],
-    "activation-aware, high-freq RoPE": [
-        "--calib",
-        "bundled",
-        "--init",
-        "pca",
-        "--fit-steps",
-        "0",
-        "--rope-select",
-        "high",
-    ],
-    "activation-aware, 2-norm RoPE": [
-        "--calib",
-        "bundled",
-        "--init",
-        "pca",
-        "--fit-steps",
-        "0",
-        "--rope-select",
-        "2norm",
-    ],
-}  # kvx 0.1's conversion (bundled calibration, PCA, no fitting): benchmarks/healing.py compares the new ones
+    "activation-aware, high-freq RoPE": [*KVX01, "--rope-select", "high"],
+    "activation-aware, 2-norm RoPE": [*KVX01, "--rope-select", "2norm"],
+}
 
 
 # A small launcher process runs the conversion and reports its child's peak RSS. Measuring a

@@ -117,6 +117,12 @@ def mix_parts(data: str) -> list[str]:
     return [data] if "+" not in data or Path(data).exists() else [p.strip() for p in data.split("+")]
 
 
+def sampled_tokens(data: str, n_tokens: int) -> int:
+    """How many of ``n_tokens`` of DATA the model writes itself (0: none), for a progress bar."""
+    parts = mix_parts(data)
+    return n_tokens // len(parts) * parts.count("teacher")
+
+
 def text_windows(
     writer, tokenizer, data: str, n_tokens: int, seq_len: int, seed: int = 0, cache_key=None, on_window=None
 ) -> torch.Tensor:

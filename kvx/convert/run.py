@@ -15,7 +15,7 @@ from ..arch import get_adapter
 from ..checkpoint import atomic_dir, check_output
 from ..errors import KvxError
 from ..export import check_export, run_export
-from ..generate import text_windows
+from ..generate import sampled_tokens, text_windows
 from ..hub import model_card
 from ..io import ShardWriter
 from ..loading import load_model, load_source, load_tokenizer, resolve
@@ -112,7 +112,8 @@ def _calibration_windows(cfg: ConvertConfig, model: str, loaded: tuple | None, t
     """The calibration text's windows; ``teacher``: text the source model writes (loaded for that
     alone and freed, unless the caller holds it; cached, so a second conversion samples nothing)."""
     writer = loaded[0] if loaded is not None else (lambda: load_model(model)[0])
-    on_window = progress("the model writes its calibration text", cfg.calib_tokens) if "teacher" in cfg.calib else None
+    sampled = sampled_tokens(cfg.calib, cfg.calib_tokens)
+    on_window = progress("the model writes its calibration text", sampled) if sampled else None
     return text_windows(
         writer, tokenizer, cfg.calib, cfg.calib_tokens, cfg.calib_seq_len, 0, resolve(model)[0], on_window
     )

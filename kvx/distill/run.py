@@ -12,6 +12,7 @@ from ..arch import get_adapter
 from ..checkpoint import save_checkpoint
 from ..data import token_windows
 from ..errors import KvxError
+from ..generate import sampled_tokens
 from ..hub import model_card
 from ..loading import load_model, resolve
 from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
@@ -72,7 +73,7 @@ def distill(
         tokens,
         seq_len,
         seed,
-        progress("teacher writes text", tokens) if "teacher" in data else None,
+        progress("teacher writes text", sampled_tokens(data, tokens)) if sampled_tokens(data, tokens) else None,
         cache_key=resolve(teacher)[0],
     )
     evals = {text: token_windows(tok, text, "eval", cfg.eval_tokens, seq_len) for text in cfg.eval_texts()}

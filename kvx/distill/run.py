@@ -73,7 +73,7 @@ def distill(
         tokens,
         seq_len,
         seed,
-        progress("teacher writes text", sampled_tokens(data, tokens)) if sampled_tokens(data, tokens) else None,
+        progress("teacher writes text", sampled) if (sampled := sampled_tokens(data, tokens)) else None,
         cache_key=resolve(teacher)[0],
     )
     evals = {text: token_windows(tok, text, "eval", cfg.eval_tokens, seq_len) for text in cfg.eval_texts()}

@@ -66,8 +66,21 @@ def _ppl(model, windows: dict) -> dict:
     return {text: perplexity(model, w) for text, w in windows.items()}
 
 
-def quality(a, out: Path) -> list[dict]:
+def _converted(a, conv: Path, windows: dict, **options) -> dict:
+    """Convert and measure, or with ``--reuse`` read what an earlier run of the same row measured."""
     from kvx.convert import convert
+
+    record = conv / "bench-row.json"
+    if a.reuse and record.exists():
+        return json.loads(record.read_text())
+    t0 = time.perf_counter()
+    convert("smollm2-135m", conv, overwrite=True, **options)
+    row = {"convert_s": time.perf_counter() - t0, "ppl0": _ppl(conv, windows)}
+    record.write_text(json.dumps(row))
+    return row
+
+
+def quality(a, out: Path) -> list[dict]:
     from kvx.data import token_windows
     from kvx.distill import distill
     from kvx.generate import generated_windows
@@ -88,20 +101,20 @@ def quality(a, out: Path) -> list[dict]:
                 continue
             name = f"x{ratio}-" + "-".join(f"{k}={v}" for k, v in opts.items())
             conv = out / name
-            t0 = time.perf_counter()
-            convert("smollm2-135m", conv, kv_rank=rank, rope_dims=rope, overwrite=True, loaded=base, **opts)
-            row = {
-                "ratio": ratio,
-                "label": label,
-                "convert_s": time.perf_counter() - t0,
-                "ppl": {0: _ppl(conv, windows)},
-            }
-            if budgets and key in a.distill_rows.split(","):
-                healed = out / f"{name}-healed"
+            base_row = _converted(a, conv, windows, loaded=base, kv_rank=rank, rope_dims=rope, **opts)
+            base_row.update(ratio=ratio, label=label, data="", ppl={0: base_row["ppl0"]})
+            if not (budgets and key in a.distill_rows.split(",")):
+                rows.append(base_row)
+                print(json.dumps(base_row), file=sys.stderr, flush=True)
+                continue
+            for data in a.distill_data.split(","):
+                row = {**base_row, "data": data, "ppl": dict(base_row["ppl"])}
+                healed = out / f"{name}-healed" if data == "bundled" else out / f"{name}-healed-{data}"
                 t0 = time.perf_counter()
                 distill(
                     str(conv),
                     healed,
+                    data=data,
                     tokens=max(budgets),
                     seq_len=SEQ,
                     batch_size=BATCH,
@@ -116,8 +129,8 @@ def quality(a, out: Path) -> list[dict]:
                 for m in metrics:
                     if m["tokens"] in budgets:
                         row["ppl"][m["tokens"]] = {t: m[f"eval_ppl_{t}"] for t in TEXTS}
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
 
     device = (
         f"{platform.machine()} CPU, {os.cpu_count()} cores"
@@ -134,18 +147,19 @@ def quality(a, out: Path) -> list[dict]:
         f"text the model writes itself, `--calib teacher`, sampled once in {sampled_s:.0f} s, 0 s if it was cached, "
         f"and not counted in the rows), 2norm RoPE pairs, layer-wise fitting {FIT} steps. "
         "Distillation: `kvx distill`, "
-        f"KL from the original on the bundled text, converted weights only, lr 3e-4, batches of {BATCH} x {SEQ}, "
+        "KL from the original on the row's text (`--data`), converted weights only, "
+        f"lr 3e-4, batches of {BATCH} x {SEQ}, "
         "one run per distilled row evaluated as it passes each budget "
         "(so an earlier budget saw a learning rate scheduled for the largest).\n"
     )
     cols = [0] + budgets
     head = " | ".join(f"{t} @{c // 1024}k" if c else f"{t} @0" for c in cols for t in TEXTS)
-    print(f"| KV cut | initialisation | {head} | convert (s) | distill (s) |")
-    print("| --- | --- |" + " --- |" * (2 * len(cols) + 2))
+    print(f"| KV cut | initialisation | distilled on | {head} | convert (s) | distill (s) |")
+    print("| --- | --- | --- |" + " --- |" * (2 * len(cols) + 2))
     for r in rows:
         cells = [f"{r['ppl'][c][t]:.2f}" if c in r["ppl"] else "not run" for c in cols for t in TEXTS]
         print(
-            f"| {r['ratio']}x | {r['label']} | "
+            f"| {r['ratio']}x | {r['label']} | {r['data'] or '-'} | "
             + " | ".join(cells)
             + f" | {r['convert_s']:.0f} | {r.get('distill_s', 0):.0f} |"
         )
@@ -216,6 +230,10 @@ def main() -> None:
     ap.add_argument("--tokens", default="16384,65536,262144", help="distillation budgets; '' for none")
     ap.add_argument("--rows", default="all", help=f"'all' or some of {','.join(ROWS)}")
     ap.add_argument("--distill-rows", default="pca,fit-mix", help="the rows that are also distilled")
+    ap.add_argument(
+        "--distill-data", default="bundled", help="training text of the distilled rows, comma-separated: one run each"
+    )
+    ap.add_argument("--reuse", action="store_true", help="reuse conversions (and their scores) of an earlier run")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--rss-only", action="store_true")
     ap.add_argument("--no-rss", action="store_true", help="skip the RSS table")

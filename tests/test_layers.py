@@ -56,6 +56,7 @@ def test_runtime_imports_only_torch_transformers_and_its_siblings(path):
         ("eval", ("profile", "convert", "distill") + ABOVE),
         ("measure", STAGES + ABOVE + ("methods",)),
         ("arch", STAGES + ABOVE + ("methods",)),
+        ("layerwise", STAGES + ABOVE + ("methods",)),
         ("plan", STAGES + ABOVE + ("methods", "arch")),
     ],
 )
@@ -73,6 +74,7 @@ def test_no_module_imports_a_layer_above_it(where, forbidden):
     + _files("distill")
     + _files("eval")
     + _files("measure")
+    + _files("layerwise")
     + _files("hub")
     + _files("cli")
     + _files("recipe")

@@ -13,7 +13,8 @@ from kvx.arch import get_adapter
 from kvx.calibration import collect_stats
 from kvx.convert import convert
 from kvx.convert.assemble import convert_model
-from kvx.convert.sequential import FitSettings, Walker, sequential_convert
+from kvx.convert.sequential import FitSettings, sequential_convert
+from kvx.layerwise import Walker
 from kvx.plan import MLASpec, Plan
 
 from .conftest import FAMILIES, tiny_model

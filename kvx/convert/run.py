@@ -18,6 +18,7 @@ from ..export import check_export, run_export
 from ..generate import sampled_tokens, text_windows
 from ..hub import model_card
 from ..io import ShardWriter
+from ..layerwise import Walker
 from ..loading import load_model, load_source, load_tokenizer, resolve
 from ..measure.kv import check_layer_bytes
 from ..methods import get_method, method_of
@@ -27,7 +28,7 @@ from ..progress import Progress, no_progress
 from .config import ConvertConfig, layer_fraction, top_layers
 from .lazy import is_local_checkpoint, skeleton
 from .scores import LAYER_SCORES
-from .sequential import FitSettings, Walker, sequential_convert
+from .sequential import FitSettings, sequential_convert
 
 
 def _plan_from_target(cfg: ConvertConfig, scorer, tokenizer, adapter, name, progress) -> tuple[Plan, str]:

@@ -12,17 +12,14 @@ or from the layers already converted (``"converted"``), so that each layer corre
 of those below. Each layer's cache is measured on the same text with the runtime's own cache
 layer, against its spec.
 
-Every family's own decoder layer runs here, with the call arguments (masks, RoPE) its model
-passes it: they are recorded from one pass of the model's own forward with stand-ins for the
-layers, so kvx never rebuilds masks. With a ``ShardReader`` each layer is read from the
+The walking itself (each family's own decoder layer, called with the arguments its model
+passes it) is ``kvx/layerwise.py``. With a ``ShardReader`` each layer is read from the
 checkpoint only while it is being converted (``lazy.py``): memory holds the embeddings, one
 layer and the calibration activations, whatever the depth.
 """
 
 from __future__ import annotations
 
-import copy
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +28,7 @@ from torch import nn
 
 from ..calibration import accumulate, new_stats
 from ..errors import KvxError
+from ..layerwise import Walker, attention_error, module_for, run_layer
 from ..methods import LayerInput, LayerOutput, method_of
 from ..modeling.kvx_common import cache_kwargs, layer_nbytes
 from ..modeling.modeling_kvx import RUNTIMES
@@ -55,106 +53,6 @@ class LayerRecord:
     error_fitted: float | None = None
     cache_bytes: int = 0  # the converted layer's cache after the probe batch (real cache layer)
     base_cache_bytes: int = 0
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer during one model forward: records the call, passes ``h`` on."""
-
-    def __init__(self, layer: nn.Module, calls: list, i: int, first: list):
-        super().__init__()
-        self.attention_type = getattr(layer, "attention_type", None)  # some models pick masks by it
-        self.calls, self.i, self.first = calls, i, first
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.i == 0:
-            self.first.append(hidden_states)
-        self.calls[self.i] = kwargs
-        return hidden_states
-
-
-class Walker:
-    """A model's decoder, a layer at a time, over batches of calibration windows.
-
-    ``reader``: the checkpoint's ``ShardReader`` when ``model``'s layers are still to be read (one at
-    a time, ``lazy.skeleton``); None when the model is in memory."""
-
-    def __init__(self, model, adapter, batches: list[torch.Tensor], reader=None):
-        self.model, self.adapter, self.reader = model, adapter, reader
-        self.layers = adapter.decoder_layers(model)
-        self.hs, self.calls = [], []
-        originals = list(self.layers)
-        for batch in batches:
-            calls, first = [None] * len(originals), []
-            for i, layer in enumerate(originals):
-                self.layers[i] = _Recorder(layer, calls, i, first)
-            try:
-                model.get_decoder()(input_ids=batch, use_cache=False)
-            finally:
-                for i, layer in enumerate(originals):
-                    self.layers[i] = layer
-            self.hs.append(first[0])
-            self.calls.append(calls)
-
-    def layer(self, i: int) -> nn.Module:
-        if self.reader is not None:
-            self.layers[i].load_state_dict(self.reader.state(self.adapter.layer_prefix(i)), strict=True)
-        return self.layers[i]
-
-    def release(self, i: int) -> None:
-        if self.reader is not None:
-            self.layers[i] = self.layers[i].to("meta")
-            _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hand memory freed by a finished layer back to the OS (glibc keeps freed heap pages otherwise,
-    and the resident size would grow by a layer per layer)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def _run_layer(layer, attn, h: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
-    """Decoder layer on ``h``: (its output, its attention's input, the attention's other arguments, its output)."""
-    seen = {}
-
-    def pre(module, args, kwargs):
-        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
-        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-    def post(module, args, kwargs, output):
-        seen["y"] = output[0] if isinstance(output, tuple) else output
-
-    handles = [
-        attn.register_forward_pre_hook(pre, with_kwargs=True),
-        attn.register_forward_hook(post, with_kwargs=True),
-    ]
-    try:
-        out = layer(h, **call)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = out[0] if isinstance(out, tuple) else out
-    return out, seen["x"], seen["kwargs"], seen["y"]
-
-
-def _attention_error(module, xs: list, kwargs: list, ys: list) -> float:
-    """Relative squared error of ``module``'s output against the targets, over the given batches."""
-    err = ref = 0.0
-    with torch.no_grad():
-        for x, kw, y in zip(xs, kwargs, ys):
-            y_hat = module(hidden_states=x, **kw)[0]
-            err += float((y_hat.double() - y.double()).pow(2).sum())
-            ref += float(y.double().pow(2).sum())
-    return err / max(ref, 1e-30)
-
-
-def _module_for(base_attn, spec, config, meta: dict, state: dict):
-    """The runtime's attention module for ``spec``, holding ``state`` (float32)."""
-    module = RUNTIMES[spec.kind].attention(copy.deepcopy(base_attn), spec, config, meta).float()
-    module.load_state_dict(state, strict=True)
-    return module
 
 
 def _rows(value, j: int, batch: int):
@@ -243,10 +141,10 @@ def sequential_convert(
         stats = new_stats(config.hidden_size)
         xs, kws, ys, next_hs = [], [], [], []
         for b, h in enumerate(hs):
-            out, x, kw, y = _run_layer(layer, attn, h, walker.calls[b][i])
+            out, x, kw, y = run_layer(layer, attn, h, walker.calls[b][i])
             next_hs.append(out)
             if hs_conv is not None:  # the converted stream's input to this layer; the target stays the original's
-                x = _run_layer(layer, attn, hs_conv[b], walker.calls[b][i])[1]
+                x = run_layer(layer, attn, hs_conv[b], walker.calls[b][i])[1]
             if calibrated:
                 accumulate(stats, attn, x, adapter, queries)
             xs.append(x), kws.append(kw), ys.append(y)
@@ -255,8 +153,8 @@ def sequential_convert(
         held_out = slice(len(xs) - 1, len(xs))
         best = None
         for label, candidate in method.convert_candidates(spec, layer_in).items():
-            module = _module_for(attn, spec, config, meta, candidate.state)
-            err = _attention_error(module, xs[held_out], kws[held_out], ys[held_out]) if calibrated else 0.0
+            module = module_for(attn, spec, config, meta, candidate.state)
+            err = attention_error(module, xs[held_out], kws[held_out], ys[held_out]) if calibrated else 0.0
             record.candidates[label] = err
             if best is None or err < best[0]:
                 best = (err, label, candidate, module)
@@ -266,13 +164,13 @@ def sequential_convert(
             with torch.enable_grad():
                 train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
                 _fit(module, trainable, xs[train], kws[train], ys[train], fit)
-            fitted = _attention_error(module, xs[held_out], kws[held_out], ys[held_out])
+            fitted = attention_error(module, xs[held_out], kws[held_out], ys[held_out])
             record.error_fitted = min(fitted, record.error_init)
             if fitted <= record.error_init:  # fitting may never make the layer worse than its initialisation
                 state_fitted = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 chosen = LayerOutput(state_fitted, chosen.dropped, chosen.info)
             else:
-                module = _module_for(attn, spec, config, meta, chosen.state)
+                module = module_for(attn, spec, config, meta, chosen.state)
         runtime = RUNTIMES[spec.kind]
         record.cache_bytes = _cache_bytes(
             module, runtime.cache_layer(spec, config, sliding[i]), adapter.n_layers, i, xs[0], kws[0]
@@ -282,7 +180,7 @@ def sequential_convert(
         )
         if hs_conv is not None:
             with adapter.attention_replaced(model, i, module):
-                hs_conv = [_run_layer(layer, module, h, walker.calls[b][i])[0] for b, h in enumerate(hs_conv)]
+                hs_conv = [run_layer(layer, module, h, walker.calls[b][i])[0] for b, h in enumerate(hs_conv)]
         emit(i, chosen, layer)
         records[i] = record
         walker.release(i)

@@ -25,4 +25,10 @@ class ProfileConfig:
     target_kv_ratio: float = opt(4.0, "KV-size cut the suggested plan aims for.")
     streaming: bool = opt(False, "Let the plan make the laziest layers streaming (sinks + window).")
     lazy_threshold: float = opt(0.9, "A layer this lazy (or lazier) may become streaming.")
+    allocate: str = opt(
+        "spectrum",
+        "How the plan sizes each MLA layer: spectrum (pooled [K_nope; V] eigenvalues; instant) or sensitivity "
+        "(each layer converted at a grid of latent and RoPE sizes, scored by its output error on held-out text; "
+        "about 2 minutes for SmolLM2 on 2 CPU cores).",
+    )
     xscale_tokens: int = opt(256, "Tokens of the cross-scale attention comparison (with --reference).")

@@ -16,7 +16,10 @@ from ..plan import Plan
 from ..progress import Progress, no_progress
 from .config import ProfileConfig
 from .report import write_report
+from .sensitivity import rank_grid, rope_grid, sweep
 from .suggest import check_room, default_rope_dims, suggest_plan
+
+ALLOCATIONS = ("spectrum", "sensitivity")
 
 
 def profile(
@@ -46,6 +49,8 @@ def profile(
     window = max(1, seq_len // 8) if window is None else window
     if sink < 0 or window < 1 or sink + window >= seq_len:
         raise KvxError(f"--sink {sink} + --window {window} must be below --seq-len {seq_len}")
+    if cfg.allocate not in ALLOCATIONS:
+        raise KvxError(f"unknown --allocate {cfg.allocate!r} (choose from {', '.join(ALLOCATIONS)})")
     if not 1 <= topk < seq_len:
         raise KvxError(f"--topk {topk} must be between 1 and --seq-len - 1")
     base, tokenizer, name = load_model(model)
@@ -133,6 +138,14 @@ def profile(
                 for i, (v, j) in enumerate(zip(best.values, best.indices))
             ],
         }
+    curves = None
+    if cfg.allocate == "sensitivity":
+        full = 2 * n_kv * hd
+        ranks = rank_grid(max(1.0, full / target_kv_ratio - r_dims), full_rank(n_kv, hd, 2 * n_kv, hidden))
+        ropes = rope_grid(r_dims, 2 * n_kv, n_kv * hd)
+        curves = sweep(base, adapter, windows, ranks, ropes, on_layer=progress("sensitivity sweep", adapter.n_layers))
+        for layer, curve in zip(layers, curves):
+            layer["sensitivity"] = {str(rope): {str(r): s for r, s in c.items()} for rope, c in curve.scores.items()}
     plan = suggest_plan(
         geom,
         spectra,
@@ -145,6 +158,7 @@ def profile(
         window=window,
         context=seq_len,
         base_model=name,
+        curves=curves,
     )
     report["suggested_plan"] = plan.to_dict()
     report["expected_kv_ratio"] = plan.meta["expected_kv_ratio"]

@@ -3,9 +3,11 @@
 1. Streaming (optional): the laziest layers whose lazy ratio reaches a threshold, at most
    ``max_streaming`` of the layers (LightTransfer's top-k choice). Their cost is counted at
    the context length the plan is for.
-2. MLA for the rest, with the same RoPE dims everywhere and the latent rank allocated
-   unevenly (as CARE argues): all layers' normalised ``[K_nope; V]`` eigenvalues are pooled
+2. MLA for the rest, sized unevenly (as CARE argues), by one of two rules. ``spectrum``: the
+   same RoPE dims everywhere; all layers' normalised ``[K_nope; V]`` eigenvalues are pooled
    and the largest ones win, which maximises the total share of energy kept for the budget.
+   ``sensitivity``: each layer's measured output error over a grid of (kv_rank, rope_dims)
+   (``sensitivity.py``), and the sizes that minimise the summed error under the budget.
 3. A layer whose MLA cost would reach its full cost stays ``full``.
 """
 
@@ -15,6 +17,7 @@ import torch
 
 from ..errors import KvxError
 from ..plan import CacheGeometry, FullSpec, MLASpec, Plan, StreamingSpec
+from .sensitivity import LayerCurve, allocate
 
 
 def default_rope_dims(geom: CacheGeometry, target_ratio: float) -> int:
@@ -53,6 +56,7 @@ def suggest_plan(
     window: int = 1020,
     context: int = 8192,
     base_model: str | None = None,
+    curves: list[LayerCurve] | None = None,
 ) -> Plan:
     """The plan for ``target_ratio`` (base bytes / plan bytes at ``context`` tokens)."""
     n = len(spectra)
@@ -70,6 +74,10 @@ def suggest_plan(
                 budget -= full * min(1.0, (sink + window) / context)
     mla_layers = [i for i in range(n) if specs[i] is None]
     check_room(geom, len(mla_layers), target_ratio, rope, budget)
+    if curves is not None:
+        for i, spec in zip(mla_layers, allocate([curves[i] for i in mla_layers], geom, int(budget))):
+            specs[i] = spec
+        return _finish(Plan(specs, base_model), geom, n, target_ratio, context, "sensitivity")
     rank_budget = int(budget) - len(mla_layers) * (rope + extra)
     ranks = {i: 1 for i in mla_layers}  # every MLA layer keeps at least one latent dim
     pool = []
@@ -84,10 +92,15 @@ def suggest_plan(
             specs[i] = FullSpec()
         else:
             specs[i] = MLASpec(ranks[i], rope, "2norm")
-    plan = Plan(specs, base_model)
+    return _finish(Plan(specs, base_model), geom, n, target_ratio, context, "spectrum")
+
+
+def _finish(plan: Plan, geom: CacheGeometry, n: int, target_ratio: float, context: int, allocation: str) -> Plan:
+    full = 2 * geom.n_kv_heads * geom.head_dim
     expected = full * n / (plan.kv_bytes(geom, context, 1) / context)
     plan.meta = {
         "suggested_by": "kvx profile",
+        "allocation": allocation,
         "target_kv_ratio": target_ratio,
         "expected_kv_ratio": round(expected, 3),
         "context": context,

@@ -179,6 +179,28 @@ class MLAMethod(Method):
             info["share of kept-frequency key energy in the shared RoPE key"] = mw.rope_energy_kept
         return LayerOutput(state, dropped, info)
 
+    def nested_ranks(self, spec: MLASpec, layer: LayerInput, ranks: list[int]) -> dict[int, dict]:
+        """The ``pca`` layer at each of ``ranks`` (all below ``spec.kv_rank``) from one factorisation:
+        principal latents are nested, so the rank-r latent is the first r rows of any larger one
+        (what the profile's sensitivity sweep needs at many ranks). The kvx layout below full rank only:
+        a full-rank factorisation is exact by the weights, and the deepseek latent norm depends on the rank."""
+        if spec.layout != "kvx" or spec.kv_rank >= full_rank(
+            layer.adapter.n_kv_heads, layer.adapter.head_dim, spec.rope_dims, layer.adapter.config.hidden_size
+        ):
+            raise KvxError("nested ranks need the kvx layout below full rank")
+        state = self.convert_layer(spec, layer).state
+        out = {}
+        for r in ranks:
+            if not 1 <= r <= spec.kv_rank:
+                raise KvxError(f"rank {r} is not between 1 and the factorised rank {spec.kv_rank}")
+            cut = dict(state)
+            cut["kv_a_proj.weight"] = state["kv_a_proj.weight"][:r].clone()
+            cut["kv_b_proj.weight"] = state["kv_b_proj.weight"][:, :r].clone()
+            if "kv_a_layernorm.weight" in cut:
+                cut["kv_a_layernorm.weight"] = state["kv_a_layernorm.weight"][:r].clone()
+            out[r] = cut
+        return out
+
     def trainable(self, spec: MLASpec) -> tuple[str, ...]:
         # k_scale_proj (Qwen3/Gemma3) is the original k_proj: it only feeds the exact per-head
         # 1/rms of the keys, which the healed latent still needs as it was. It stays frozen.

@@ -6,6 +6,7 @@ so an interrupted run never leaves a half-written checkpoint at OUT.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,17 +16,38 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import KvxError
+from .io.staging import clean_stale, output_lock, pause_point, temp_prefix
 
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Fail before any work if OUT cannot be written."""
+def check_output(out: Path, overwrite: bool, expected_bytes: int = 0) -> None:
+    """Fail before any work if OUT cannot be written (or, given its expected size, would not fit)."""
     if out.exists() and not overwrite:
         raise KvxError(f"output {out} already exists (pass --overwrite to replace it)")
     parent = out.resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise KvxError(f"cannot write into {parent}")
+    while not parent.exists():  # the folders kvx would create: what matters is the first one that exists
+        parent = parent.parent
+    probe = parent / f".kvx-write-probe-{os.getpid()}"
+    try:  # a real write says why it cannot be (permissions, a read-only mount), as os.access does not
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise KvxError(f"cannot write into {parent} ({e.strerror.lower()})") from None
+    free = shutil.disk_usage(parent).free
+    if expected_bytes and free < expected_bytes:
+        raise KvxError(
+            f"not enough free space for {out}: about {_mib(expected_bytes)} needed, {_mib(free)} free on its disk"
+        )
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, as Python says it or as a Rust library (tokenizers, safetensors) words it."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -77,22 +99,34 @@ def save_checkpoint(
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that becomes ``out`` only if the block succeeds."""
+def atomic_dir(out: str | Path, overwrite: bool = False, expected_bytes: int = 0) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` only if the block succeeds, written by one
+    process at a time; a full disk removes it and says so."""
     out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_output(out, overwrite, expected_bytes)
+    with output_lock(out):
+        check_output(out, overwrite)  # again: another run may have finished it before we took the lock
+        clean_stale(out.parent, f".{out.name}.")
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{out.name}."), dir=out.parent))
+        try:
+            yield tmp
+            pause_point("before-rename")
+            os.chmod(tmp, 0o755)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _disk_full(e):
+                raise KvxError(
+                    f"the disk filled up while writing {out}: the partial output was removed, nothing was written; "
+                    "free some space and run again"
+                ) from None
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

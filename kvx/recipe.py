@@ -20,11 +20,13 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import check_output
 from .config import accepts, type_name
 from .convert.config import ConvertConfig
 from .distill.config import DistillConfig
 from .errors import KvxError
 from .eval.config import EvalConfig
+from .io.staging import output_lock, pause_point
 from .loading import DEFAULT_MODEL
 from .profile.config import ProfileConfig
 
@@ -134,13 +136,19 @@ def run_recipe(
     recipe: Recipe, out: str | Path, progress=None, say: Callable[[str], None] = print, overwrite: bool = False
 ) -> dict:
     """Run every stage of ``recipe`` into ``out``, skipping finished ones; returns eval.json's content."""
+    out = Path(out)
+    check_output(out, True)  # writable (a run folder may exist: finished stages are kept)
+    with output_lock(out):  # each stage locks its own folder too; this one guards the run folder's stamp
+        return _run_stages(recipe, out, progress, say, overwrite)
+
+
+def _run_stages(recipe: Recipe, out: Path, progress, say: Callable[[str], None], overwrite: bool) -> dict:
     from .convert.run import convert
     from .distill.run import distill
     from .eval.run import evaluate
     from .profile.run import profile
 
     kw = {"progress": progress} if progress else {}
-    out = Path(out)
     stamp = out / "recipe.json"
     if overwrite and out.exists():
         if not stamp.exists() and any(out.iterdir()):  # never wipe a folder kvx run did not make
@@ -151,7 +159,9 @@ def run_recipe(
     if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(recipe.to_dict())):
         raise KvxError(f"{out} holds the stages of another recipe (see {stamp}): use a new -o folder or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(recipe.to_dict(), indent=2))
+    written = out / ".recipe.json.tmp"
+    written.write_text(json.dumps(recipe.to_dict(), indent=2))
+    written.replace(stamp)
 
     if recipe.profile is not None and _stage("profile", (out / "profile" / "report.json").exists(), say):
         profile(recipe.model, out / "profile", recipe.profile, overwrite=True, **kw)
@@ -161,6 +171,7 @@ def run_recipe(
         if c.plan == "profile":
             c = dataclasses.replace(c, plan=str(out / "profile" / "plan.yaml"))
         convert(recipe.model, converted, c, overwrite=True, **kw)
+    pause_point("run-after-convert")
 
     final, d = converted, recipe.distill
     if d is not None:

@@ -1,6 +1,6 @@
 """Helpers shared by the tests: loading a checkpoint as a user without kvx would, every
-tensor of a sharded checkpoint, and the transformers range kvx declares (read from the
-installed package's own metadata)."""
+tensor of a sharded checkpoint, the transformers range kvx declares (read from the
+installed package's own metadata), and the command line run as a user runs it."""
 
 from __future__ import annotations
 
@@ -100,3 +100,24 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(shard))
     return tensors
+
+
+def kvx(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "kvx.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    # the progress announcements kvx prints off a terminal ("converting layer by layer ...") are not errors
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.endswith(" ...")]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for f in fragments:
+        assert f in lines[0], lines[0]

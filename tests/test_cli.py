@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-
-def kvx(*args, env=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "kvx.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from .helpers import assert_one_line_error, kvx
 
 
 def test_help_lists_every_command():

@@ -18,6 +18,7 @@ from ..export import check_export, run_export
 from ..generate import sampled_tokens, text_windows
 from ..hub import model_card
 from ..io import ShardWriter
+from ..io.staging import output_lock, pause_point
 from ..layerwise import Walker
 from ..loading import load_model, load_source, load_tokenizer, resolve
 from ..measure.kv import check_layer_bytes
@@ -109,6 +110,15 @@ def _outer_tensors(model, adapter, reader) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(layers) and k not in tied}
 
 
+def _expected_bytes(source: str | None, base) -> int:
+    """About what the converted checkpoint takes on disk: its base's weights (the latents are smaller
+    than the K/V projections they replace; the rest is copied)."""
+    if base is not None:
+        return sum(p.numel() * p.element_size() for p in base.parameters() if not p.is_meta)
+    folder = Path(source)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
 def _calibration_windows(cfg: ConvertConfig, model: str, loaded: tuple | None, tokenizer, progress: Progress):
     """The calibration text's windows; ``teacher``: text the source model writes (loaded for that
     alone and freed, unless the caller holds it; cached, so a second conversion samples nothing)."""
@@ -121,6 +131,23 @@ def _calibration_windows(cfg: ConvertConfig, model: str, loaded: tuple | None, t
 
 
 def convert(
+    model: str,
+    out: str | Path,
+    cfg: ConvertConfig | None = None,
+    *,
+    plan: Plan | None = None,
+    overwrite: bool = False,
+    progress: Progress = no_progress,
+    loaded: tuple | None = None,
+    **options,
+) -> dict:
+    """``kvx convert``, holding OUT's lock from the start: a second run on OUT is refused before any work."""
+    check_output(Path(out), overwrite)
+    with output_lock(Path(out)):
+        return _convert(model, out, cfg, plan=plan, overwrite=overwrite, progress=progress, loaded=loaded, **options)
+
+
+def _convert(
     model: str,
     out: str | Path,
     cfg: ConvertConfig | None = None,
@@ -151,6 +178,7 @@ def convert(
     else:
         source, name, config = load_source(model)
         tokenizer, base, reader = load_tokenizer(source), None, None
+    check_output(out, overwrite, _expected_bytes(source, base))  # free space: refused before any work
     adapter = get_adapter(config)
     if cfg.plan is not None:
         plan, how = _plan_from_file(cfg, adapter, name), "a per-layer plan"
@@ -200,6 +228,7 @@ def convert(
             for key, value in output.info.items():
                 figures.setdefault(key, []).append(value)
             write(i, output, layer)
+            pause_point("convert-layer")
 
         write = _layer_writer(writer, adapter, plan, dtype)
         walker = Walker(base, adapter, batches, reader)

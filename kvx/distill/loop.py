@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import KvxError
+from ..io.staging import note, pause_point
 from ..measure.perplexity import perplexity
 from .config import DistillConfig
 from .losses import distill_loss
@@ -104,6 +105,8 @@ def run_distill(
         accelerator.load_state(str(last))
         step = json.loads((last / "trainer_state.json").read_text())["step"]
         start_batches = step * cfg.grad_accum
+        if accelerator.is_main_process:
+            note(f"continuing {out} from its checkpoint at step {step}")
     batches = accelerator.skip_first_batches(loader, start_batches) if start_batches else loader
 
     metrics_path = out / "metrics.jsonl"
@@ -157,13 +160,15 @@ def _save_state(accelerator, root: Path, step: int, cfg: DistillConfig) -> None:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:  # a killed run's half-written states (the output lock says none is ours)
+        for stale in root.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+        pause_point("distill-checkpoint")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 from ..arch import get_adapter
-from ..checkpoint import save_checkpoint
+from ..checkpoint import check_output, save_checkpoint
 from ..data import token_windows
 from ..errors import KvxError
 from ..generate import sampled_tokens
 from ..hub import model_card
+from ..io.staging import output_lock
 from ..loading import load_model, resolve
 from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from ..measure.perplexity import perplexity
@@ -50,8 +51,14 @@ def distill(
     """``kvx distill``: train STUDENT towards TEACHER (default: the model it was converted from)."""
     cfg = cfg or DistillConfig(**options)
     cfg.check()
-    data, tokens, seq_len, seed = cfg.data, cfg.tokens, cfg.seq_len, cfg.seed
     out = Path(out)
+    check_output(out, True)  # writable, before any work (whether it may exist is decided below)
+    with output_lock(out):  # one writer per output folder: its checkpoints and logs are ours alone
+        return _distill(student, out, cfg, resume, overwrite, progress)
+
+
+def _distill(student: str, out: Path, cfg: DistillConfig, resume: bool, overwrite: bool, progress: Progress) -> dict:
+    data, tokens, seq_len, seed = cfg.data, cfg.tokens, cfg.seq_len, cfg.seed
     if resume and not out.exists():
         raise KvxError(f"--resume: {out} does not exist")
     if out.exists() and not resume:
@@ -128,6 +135,8 @@ def distill(
             shutil.rmtree(final)
         save_checkpoint(trained, tok, final, lambda _: model_card(plan.base_model or s_name, plan, kv, extra))
         _move_into(final, out)
-        (out / "distill_summary.json").write_text(json.dumps(summary, indent=2))
+        written = out / ".distill_summary.json.tmp"  # the recipe's "distill finished" mark: whole or absent
+        written.write_text(json.dumps(summary, indent=2))
+        written.replace(out / "distill_summary.json")
     accelerator.wait_for_everyone()
     return summary

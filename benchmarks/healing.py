@@ -45,6 +45,15 @@ ROWS = {  # id -> (label, kvx convert options)
         "best + fitting, own text + bundled (the new default)",
         {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled"},
     ),
+    # Uneven per-layer sizes from `kvx profile` (its plan replaces the uniform kv_rank/rope_dims), then the default.
+    "plan-spectrum": (
+        "profile plan, sized by spectra, + the default",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "spectrum"},
+    ),
+    "plan-sensitivity": (
+        "profile plan, sized by sensitivity, + the default",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "sensitivity"},
+    ),
 }
 TEXTS = ("bundled", "wiki")
 BATCH, SEQ = 4, 256  # distillation batches: 1024 tokens per step
@@ -74,6 +83,20 @@ def _converted(a, conv: Path, windows: dict, **options) -> dict:
     if a.reuse and record.exists():
         return json.loads(record.read_text())
     t0 = time.perf_counter()
+    if "allocate" in options:  # the profile's plan (counted in the conversion's time), at the row's RoPE size
+        from kvx.profile import profile
+
+        ratio = 384 / (options.pop("kv_rank") + options["rope_dims"])  # SmolLM2: 384 KV floats per layer
+        where = conv.with_name(conv.name + "-profile")
+        profile(
+            "smollm2-135m",
+            where,
+            overwrite=True,
+            target_kv_ratio=ratio,
+            rope_dims=options.pop("rope_dims"),
+            allocate=options.pop("allocate"),
+        )
+        options["plan"] = where / "plan.yaml"
     convert("smollm2-135m", conv, overwrite=True, **options)
     row = {"convert_s": time.perf_counter() - t0, "ppl0": _ppl(conv, windows)}
     record.write_text(json.dumps(row))

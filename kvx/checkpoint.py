@@ -7,6 +7,7 @@ so an interrupted run never leaves a half-written checkpoint at OUT.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -96,6 +97,19 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card(tmp))
     return Path(out)
+
+
+def writes_output(fn: Callable) -> Callable:
+    """``fn(first, out, ...)`` refused at once if OUT cannot be written, and holding OUT's lock from its
+    first line: a second run on OUT is refused before any work, not after it."""
+
+    @functools.wraps(fn)
+    def locked(first, out, *args, **kwargs):
+        check_output(Path(out), overwrite=True)  # writability; whether OUT may exist, fn decides
+        with output_lock(Path(out)):
+            return fn(first, out, *args, **kwargs)
+
+    return locked
 
 
 @contextmanager

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import check_output
+from .checkpoint import writes_output
 from .config import accepts, type_name
 from .convert.config import ConvertConfig
 from .distill.config import DistillConfig
 from .errors import KvxError
 from .eval.config import EvalConfig
-from .io.staging import output_lock, pause_point
+from .io.staging import pause_point
 from .loading import DEFAULT_MODEL
 from .profile.config import ProfileConfig
 
@@ -132,23 +132,18 @@ def _stage(name: str, done: bool, say: Callable[[str], None]) -> bool:
     return not done
 
 
+@writes_output  # each stage locks its own folder too; this lock guards the run folder's stamp
 def run_recipe(
     recipe: Recipe, out: str | Path, progress=None, say: Callable[[str], None] = print, overwrite: bool = False
 ) -> dict:
     """Run every stage of ``recipe`` into ``out``, skipping finished ones; returns eval.json's content."""
-    out = Path(out)
-    check_output(out, True)  # writable (a run folder may exist: finished stages are kept)
-    with output_lock(out):  # each stage locks its own folder too; this one guards the run folder's stamp
-        return _run_stages(recipe, out, progress, say, overwrite)
-
-
-def _run_stages(recipe: Recipe, out: Path, progress, say: Callable[[str], None], overwrite: bool) -> dict:
     from .convert.run import convert
     from .distill.run import distill
     from .eval.run import evaluate
     from .profile.run import profile
 
     kw = {"progress": progress} if progress else {}
+    out = Path(out)
     stamp = out / "recipe.json"
     if overwrite and out.exists():
         if not stamp.exists() and any(out.iterdir()):  # never wipe a folder kvx run did not make

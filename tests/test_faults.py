@@ -226,3 +226,17 @@ def test_a_run_killed_between_stages_continues_where_it_stopped(tiny_dir, tmp_pa
     assert again.returncode == 0, again.stderr
     assert "[convert] already complete, skipped" in again.stdout + again.stderr
     assert set(json.loads((out / "eval.json").read_text())["rows"]) == {"original", "converted"}
+
+
+def test_a_kill_during_export_leaves_no_export_and_the_next_one_cleans_up(tiny_dir, tmp_path, env):
+    conv = tmp_path / "conv"
+    proc = kvx("convert", str(tiny_dir("llama")), "-o", str(conv), *CONVERT, "--layout", "deepseek", env=env)
+    assert proc.returncode == 0, proc.stderr
+    _kill(_paused(["export", str(conv)], env, "before-rename"))
+    assert not (tmp_path / "conv-deepseek").exists()
+    again = kvx("export", str(conv), env=env)
+    assert again.returncode == 0, again.stderr
+    assert "left by an interrupted run" in again.stderr and _litter(tmp_path) == []
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "conv-deepseek")

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from ..arch import get_adapter
-from ..checkpoint import atomic_dir, check_output
+from ..checkpoint import atomic_dir, check_output, writes_output
 from ..errors import KvxError
 from ..export import check_export, run_export
 from ..generate import sampled_tokens, text_windows
 from ..hub import model_card
 from ..io import ShardWriter
-from ..io.staging import output_lock, pause_point
+from ..io.staging import pause_point
 from ..layerwise import Walker
 from ..loading import load_model, load_source, load_tokenizer, resolve
 from ..measure.kv import check_layer_bytes
@@ -130,24 +130,8 @@ def _calibration_windows(cfg: ConvertConfig, model: str, loaded: tuple | None, t
     )
 
 
+@writes_output
 def convert(
-    model: str,
-    out: str | Path,
-    cfg: ConvertConfig | None = None,
-    *,
-    plan: Plan | None = None,
-    overwrite: bool = False,
-    progress: Progress = no_progress,
-    loaded: tuple | None = None,
-    **options,
-) -> dict:
-    """``kvx convert``, holding OUT's lock from the start: a second run on OUT is refused before any work."""
-    check_output(Path(out), overwrite)
-    with output_lock(Path(out)):
-        return _convert(model, out, cfg, plan=plan, overwrite=overwrite, progress=progress, loaded=loaded, **options)
-
-
-def _convert(
     model: str,
     out: str | Path,
     cfg: ConvertConfig | None = None,

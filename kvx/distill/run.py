@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 from ..arch import get_adapter
-from ..checkpoint import check_output, save_checkpoint
+from ..checkpoint import save_checkpoint, writes_output
 from ..data import token_windows
 from ..errors import KvxError
 from ..generate import sampled_tokens
 from ..hub import model_card
-from ..io.staging import output_lock
 from ..loading import load_model, resolve
 from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from ..measure.perplexity import perplexity
@@ -38,6 +37,7 @@ def _move_into(src: Path, dst: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)
 
 
+@writes_output  # one writer per output folder: its checkpoints and logs are ours alone
 def distill(
     student: str,
     out: str | Path,
@@ -52,12 +52,6 @@ def distill(
     cfg = cfg or DistillConfig(**options)
     cfg.check()
     out = Path(out)
-    check_output(out, True)  # writable, before any work (whether it may exist is decided below)
-    with output_lock(out):  # one writer per output folder: its checkpoints and logs are ours alone
-        return _distill(student, out, cfg, resume, overwrite, progress)
-
-
-def _distill(student: str, out: Path, cfg: DistillConfig, resume: bool, overwrite: bool, progress: Progress) -> dict:
     data, tokens, seq_len, seed = cfg.data, cfg.tokens, cfg.seq_len, cfg.seed
     if resume and not out.exists():
         raise KvxError(f"--resume: {out} does not exist")

@@ -20,7 +20,7 @@ from kvx.errors import KvxError
 
 from .helpers import checkpoint_tensors
 
-TRAIN = dict(seq_len=64, batch_size=4, lr=3e-3)
+TRAIN = dict(seq_len=64, batch_size=4, lr=3e-3, data="bundled")  # no sampling: the default mix is in test_recipe
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_resume_continues_exactly(student, tmp_path):
 
 def test_teacher_written_data_works_offline(student, tmp_path):
     src, mla = student
-    summary = distill(str(mla), tmp_path / "t", teacher=str(src), data="teacher", tokens=64 * 4, **TRAIN)
+    summary = distill(str(mla), tmp_path / "t", teacher=str(src), tokens=64 * 4, **{**TRAIN, "data": "teacher"})
     assert summary["steps"] == 1 and (tmp_path / "t" / "config.json").exists()
 
 
@@ -85,7 +85,7 @@ def test_bad_inputs_are_clear_errors(student, tmp_path, smollm2_dir):
     with pytest.raises(KvxError, match="less than one optimizer step"):
         distill(str(mla), tmp_path / "a", tokens=100, **TRAIN)
     with pytest.raises(KvxError, match="data not found"):
-        distill(str(mla), tmp_path / "b", data=str(tmp_path / "missing.txt"), tokens=1024, **TRAIN)
+        distill(str(mla), tmp_path / "b", tokens=1024, **{**TRAIN, "data": str(tmp_path / "missing.txt")})
     other = tmp_path / "other"
     AutoModelForCausalLM.from_pretrained(src).save_pretrained(other)
     changed = AutoTokenizer.from_pretrained(smollm2_dir)

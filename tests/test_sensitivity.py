@@ -77,7 +77,7 @@ def test_allocation_is_the_best_under_the_budget():
     assert _total(curves, specs) < _total(curves, uniform)
     assert specs[1].kv_rank < specs[0].kv_rank  # the insensitive layer gives its floats away
     assert isinstance(allocate(curves, geom, 200)[0], FullSpec)  # room for everything: keep layers whole
-    with pytest.raises(ValueError, match="no allocation"):
+    with pytest.raises(kvx.errors.KvxError, match="no per-layer sizes fit"):
         allocate(curves, geom, 10)
 
 

@@ -16,9 +16,9 @@ TRAIN_MODES = ("converted", "all", "lora")
 class DistillConfig:
     teacher: str | None = opt(None, "Teacher (default: the model STUDENT was converted from); same tokenizer.")
     data: str = opt(
-        "bundled",
-        "Training text: 'bundled', a file/folder, hf:NAME, 'teacher' (text the teacher writes), or a mix "
-        "such as 'teacher+bundled' (tokens shared equally).",
+        "teacher+bundled",
+        "Training text: 'bundled', a file/folder, hf:NAME, 'teacher' (text the teacher writes), or a mix such as "
+        "the default 'teacher+bundled' (tokens shared equally; it generalised best in benchmarks/healing.py).",
     )
     tokens: int = opt(262_144, "Training tokens.")
     seq_len: int = opt(256, "Sequence length.")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import accumulate, new_stats
+from ..errors import KvxError
 from ..layerwise import Walker, attention_error, module_for, run_layer
 from ..methods import LayerInput, method_of
 from ..methods.mla.maths import full_rank
@@ -59,7 +60,7 @@ def sweep(model, adapter, windows: torch.Tensor, ranks: list[int], ropes: list[i
     if windows.shape[1] > SEQ:
         windows = windows[:, : windows.shape[1] // SEQ * SEQ].reshape(-1, SEQ)
     if windows.shape[0] < 2:
-        raise ValueError("the sensitivity sweep needs at least two windows (one is held out)")
+        raise KvxError("--allocate sensitivity needs at least two windows of text (one is held out): raise --tokens")
     batches = list(windows[:-1].split(BATCH)) + [windows[-1:]]
     walker = Walker(model, adapter, batches)
     config, hs = model.config, walker.hs
@@ -129,7 +130,7 @@ def allocate(curves: list[LayerCurve], geom: CacheGeometry, budget: int) -> list
         dp, arg = cand.min(dim=0)
         choices.append((options, arg))
     if math.isinf(float(dp.min())):
-        raise ValueError(f"no allocation fits {budget} floats per token")
+        raise KvxError(f"no per-layer sizes fit {budget} KV floats per token: lower --target-kv-ratio or --rope-dims")
     b = int(dp.argmin())
     specs = []
     for options, arg in reversed(choices):

@@ -50,9 +50,13 @@ ROWS = {  # id -> (label, kvx convert options)
         "profile plan, sized by spectra, + the default",
         {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "spectrum"},
     ),
-    "plan-sensitivity": (
-        "profile plan, sized by sensitivity, + the default",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "sensitivity"},
+    "plan-output": (
+        "profile plan, sized by output error, + the default",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "output"},
+    ),
+    "plan-loss": (
+        "profile plan, sized by final KL, + the default",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "loss"},
     ),
 }
 TEXTS = ("bundled", "wiki")

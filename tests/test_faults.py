@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,12 +41,18 @@ def _litter(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or p.name.endswith(".lock"))
 
 
-@pytest.fixture
-def converted(tiny_dir, tmp_path, env):
-    out = tmp_path / "converted"
-    proc = kvx("convert", str(tiny_dir("llama")), "-o", str(out), *CONVERT, env=env)
+@pytest.fixture(scope="module")
+def converted_once(tiny_dir_factory, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "converted"
+    proc = kvx("convert", str(tiny_dir_factory("llama")), "-o", str(out), *CONVERT)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture
+def converted(converted_once, tmp_path):
+    """A tiny kvx checkpoint of this test's own, to damage."""
+    return Path(shutil.copytree(converted_once, tmp_path / "converted"))
 
 
 def _truncate(path: Path) -> None:

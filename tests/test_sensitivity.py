@@ -81,12 +81,12 @@ def test_allocation_is_the_best_under_the_budget():
         allocate(curves, geom, 10)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_sensitivity_plan_converts_to_the_cache_it_promises(family, tiny_dir, tmp_path):
+@pytest.mark.parametrize(("family", "score"), [("llama", "output"), ("qwen3", "loss"), ("gemma3", "loss")])
+def test_sensitivity_plan_converts_to_the_cache_it_promises(family, score, tiny_dir, tmp_path):
     src = tiny_dir(family)
     out = tmp_path / "prof"
-    report = profile(str(src), out, target_kv_ratio=2.0, allocate="sensitivity", **SMALL)
-    assert report["suggested_plan"]["allocation"] == "sensitivity"
+    report = profile(str(src), out, target_kv_ratio=2.0, allocate=score, **SMALL)
+    assert report["suggested_plan"]["allocation"] == score
     for layer in report["layers"]:
         for scores in layer["sensitivity"].values():
             by_rank = [s for _, s in sorted((int(r), s) for r, s in scores.items())]
@@ -100,7 +100,7 @@ def test_sensitivity_plan_converts_to_the_cache_it_promises(family, tiny_dir, tm
     measured = kv_bytes_per_token(conv, ids)
     assert measured == kv_bytes_per_token_spec(conv, 128)
     ratio = kv_bytes_per_token(AutoModelForCausalLM.from_pretrained(src), ids) / measured
-    assert ratio == pytest.approx(report["expected_kv_ratio"], rel=1e-6) and ratio >= 2.0 * 0.99
+    assert ratio == pytest.approx(report["expected_kv_ratio"], rel=1e-3) and ratio >= 2.0 * 0.99  # rounded to 3 places
 
 
 def test_unknown_allocation_is_refused_before_any_work(tiny_dir, tmp_path):

@@ -27,8 +27,9 @@ class ProfileConfig:
     lazy_threshold: float = opt(0.9, "A layer this lazy (or lazier) may become streaming.")
     allocate: str = opt(
         "spectrum",
-        "How the plan sizes each MLA layer: spectrum (pooled [K_nope; V] eigenvalues; instant) or sensitivity "
-        "(each layer converted at a grid of latent and RoPE sizes, scored by its output error on held-out text; "
-        "about 2 minutes for SmolLM2 on 2 CPU cores).",
+        "How the plan sizes each MLA layer: spectrum (pooled [K_nope; V] eigenvalues; instant), output (each layer "
+        "converted at a grid of latent and RoPE sizes, scored by its attention-output error against the residual "
+        "stream; ~2 min for SmolLM2 on 2 CPU cores) or loss (the same grid scored by the model's next-token KL with "
+        "that layer alone converted; a model forward per point).",
     )
     xscale_tokens: int = opt(256, "Tokens of the cross-scale attention comparison (with --reference).")

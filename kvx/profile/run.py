@@ -19,7 +19,7 @@ from .report import write_report
 from .sensitivity import rank_grid, rope_grid, sweep
 from .suggest import check_room, default_rope_dims, suggest_plan
 
-ALLOCATIONS = ("spectrum", "sensitivity")
+ALLOCATIONS = ("spectrum", "output", "loss")
 
 
 def profile(
@@ -139,11 +139,13 @@ def profile(
             ],
         }
     curves = None
-    if cfg.allocate == "sensitivity":
+    if cfg.allocate != "spectrum":
         full = 2 * n_kv * hd
         ranks = rank_grid(max(1.0, full / target_kv_ratio - r_dims), full_rank(n_kv, hd, 2 * n_kv, hidden))
         ropes = rope_grid(r_dims, 2 * n_kv, n_kv * hd)
-        curves = sweep(base, adapter, windows, ranks, ropes, on_layer=progress("sensitivity sweep", adapter.n_layers))
+        curves = sweep(
+            base, adapter, windows, ranks, ropes, cfg.allocate, on_layer=progress("sensitivity sweep", adapter.n_layers)
+        )
         for layer, curve in zip(layers, curves):
             layer["sensitivity"] = {str(rope): {str(r): s for r, s in c.items()} for rope, c in curve.scores.items()}
     plan = suggest_plan(
@@ -159,6 +161,7 @@ def profile(
         context=seq_len,
         base_model=name,
         curves=curves,
+        allocation=cfg.allocate,
     )
     report["suggested_plan"] = plan.to_dict()
     report["expected_kv_ratio"] = plan.meta["expected_kv_ratio"]

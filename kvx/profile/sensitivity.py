@@ -1,16 +1,18 @@
-"""How much each layer's output suffers per latent or RoPE dimension removed, and the per-layer
-sizes that minimise the total under one KV budget.
+"""How much each layer suffers per latent or RoPE dimension removed, and the per-layer sizes that
+minimise the total under one KV budget.
 
-Spectra say how much of ``[K_nope; V]``'s energy a rank keeps, not what the layer's output
-loses: a key error counts only through the queries that read it, and some layers write far
-less into the residual stream than others. So the sweep converts every layer at a grid of
-(kv_rank, rope_dims), closed-form (the ``pca`` initialisation, no fitting: the cheap part of the
-real conversion), runs the converted attention on held-out calibration windows, and scores
-``||y_converted - y||^2 / ||h||^2``: the attention output's error against the residual stream it
-is added to (``h``, the layer's input), since that ratio is what the following layers see. The
-allocation then picks one grid point per layer (or keeps the layer full) minimising the sum of
-the scores under the budget: an exact knapsack over integer floats, with each layer's score
-interpolated (log-linearly) between measured ranks so that the budget is spent to the float.
+Spectra say how much of ``[K_nope; V]``'s energy a rank keeps, not what the model loses: a key
+error counts only through the queries that read it, and layers matter unequally. So the sweep
+converts every layer at a grid of (kv_rank, rope_dims), closed-form (the ``pca`` initialisation,
+no fitting: the cheap part of the real conversion), and scores each point on a held-out window
+by one of two measures. ``output``: ``||y_converted - y||^2 / ||h||^2``, the attention output's
+error against the residual stream it is added to (``h``, the layer's input), one layer's forward
+per point. ``loss``: the KL of the model's next-token distributions from the original's with
+that layer alone converted, one model forward per point (what the user finally sees; additive
+across layers to first order). The allocation then picks one grid point per layer (or keeps the
+layer full) minimising the summed scores under the budget: an exact knapsack over integer floats,
+each layer's scores interpolated (log-linearly) between measured ranks so that the budget is
+spent to the float.
 """
 
 from __future__ import annotations
@@ -54,8 +56,22 @@ def rope_grid(rope_dims: int, unit: int, limit: int) -> list[int]:
     return sorted(s for s in sizes if s <= limit)
 
 
+SCORES = ("output", "loss")
+
+
+def _logp(model, probe: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(model(input_ids=probe, use_cache=False).logits.double(), dim=-1)
+
+
+def _kl(model, probe: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean KL(original || model) of the next-token distributions on ``probe``."""
+    return float((ref.exp() * (ref - _logp(model, probe))).sum(-1).mean())
+
+
 @torch.no_grad()
-def sweep(model, adapter, windows: torch.Tensor, ranks: list[int], ropes: list[int], on_layer=None) -> list[LayerCurve]:
+def sweep(
+    model, adapter, windows: torch.Tensor, ranks: list[int], ropes: list[int], score: str = "output", on_layer=None
+) -> list[LayerCurve]:
     """Every layer's scores over ``ropes`` x ``ranks``, on the original model's own hidden states."""
     if windows.shape[1] > SEQ:
         windows = windows[:, : windows.shape[1] // SEQ * SEQ].reshape(-1, SEQ)
@@ -66,6 +82,10 @@ def sweep(model, adapter, windows: torch.Tensor, ranks: list[int], ropes: list[i
     config, hs = model.config, walker.hs
     meta = {"k_norm_eps": adapter.k_norm_eps()}
     hidden, n_kv, hd = config.hidden_size, adapter.n_kv_heads, adapter.head_dim
+    probe = batches[-1]
+    ref = (
+        torch.log_softmax(model(input_ids=probe, use_cache=False).logits.double(), dim=-1) if score == "loss" else None
+    )
     curves = []
     for i in range(adapter.n_layers):
         layer, attn = walker.layer(i), adapter.attention(model, i)
@@ -88,8 +108,12 @@ def sweep(model, adapter, windows: torch.Tensor, ranks: list[int], ropes: list[i
             for rank, state in method_of(top).nested_ranks(top, layer_in, kept).items():
                 spec = MLASpec(rank, rope, "2norm")
                 module = module_for(attn, spec, config, meta, state)
-                err = attention_error(module, xs[-1:], kws[-1:], ys[-1:])
-                scores.setdefault(rope, {})[rank] = err * weight
+                if score == "loss":
+                    with adapter.attention_replaced(model, i, module):
+                        value = _kl(model, probe, ref)
+                else:
+                    value = attention_error(module, xs[-1:], kws[-1:], ys[-1:]) * weight
+                scores.setdefault(rope, {})[rank] = max(value, 0.0)
         curves.append(LayerCurve(scores))
         hs = next_hs
         if on_layer:

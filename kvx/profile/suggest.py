@@ -6,7 +6,7 @@
 2. MLA for the rest, sized unevenly (as CARE argues), by one of two rules. ``spectrum``: the
    same RoPE dims everywhere; all layers' normalised ``[K_nope; V]`` eigenvalues are pooled
    and the largest ones win, which maximises the total share of energy kept for the budget.
-   ``sensitivity``: each layer's measured output error over a grid of (kv_rank, rope_dims)
+   ``output`` / ``loss``: each layer's measured error over a grid of (kv_rank, rope_dims)
    (``sensitivity.py``), and the sizes that minimise the summed error under the budget.
 3. A layer whose MLA cost would reach its full cost stays ``full``.
 """
@@ -57,6 +57,7 @@ def suggest_plan(
     context: int = 8192,
     base_model: str | None = None,
     curves: list[LayerCurve] | None = None,
+    allocation: str = "spectrum",
 ) -> Plan:
     """The plan for ``target_ratio`` (base bytes / plan bytes at ``context`` tokens)."""
     n = len(spectra)
@@ -77,7 +78,7 @@ def suggest_plan(
     if curves is not None:
         for i, spec in zip(mla_layers, allocate([curves[i] for i in mla_layers], geom, int(budget))):
             specs[i] = spec
-        return _finish(Plan(specs, base_model), geom, n, target_ratio, context, "sensitivity")
+        return _finish(Plan(specs, base_model), geom, n, target_ratio, context, allocation)
     rank_budget = int(budget) - len(mla_layers) * (rope + extra)
     ranks = {i: 1 for i in mla_layers}  # every MLA layer keeps at least one latent dim
     pool = []
@@ -96,8 +97,8 @@ def suggest_plan(
 
 
 def _finish(plan: Plan, geom: CacheGeometry, n: int, target_ratio: float, context: int, allocation: str) -> Plan:
-    full = 2 * geom.n_kv_heads * geom.head_dim
-    expected = full * n / (plan.kv_bytes(geom, context, 1) / context)
+    # the base's cache at the same context, its local layers' windows included (Gemma 3)
+    expected = Plan([FullSpec()] * n).kv_bytes(geom, context, 1) / plan.kv_bytes(geom, context, 1)
     plan.meta = {
         "suggested_by": "kvx profile",
         "allocation": allocation,

@@ -111,6 +111,9 @@ _HELD: dict[Path, int] = {}  # locks this process holds, by path: a stage may lo
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Hold ``out``'s lock for the block, or fail at once naming the process that holds it."""
+    if os.environ.get("RANK", "0") != "0":  # a worker of a distributed launch: its rank 0 holds the lock
+        yield
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     path = (out.parent / f".{out.name}.lock").resolve()
     if path in _HELD:

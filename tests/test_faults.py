@@ -131,12 +131,12 @@ def test_a_read_only_output_is_refused_before_any_work(tiny_dir, tmp_path, env):
         assert_one_line_error(proc, "cannot write into", "read-only")
 
 
-def _paused(args: list[str], env: dict, point: str, timeout: float = 300) -> subprocess.Popen:
-    """A kvx run stopped at ``point`` (its pid is in the pause file once it is there)."""
+def _paused(args: list[str], env: dict, point: str, timeout: float = 300, python: tuple = ("-m", "kvx.cli")):
+    """A kvx run (``python -m kvx.cli ARGS``, or ``python PYTHON ARGS``) stopped at ``point``."""
     marker = Path(env["KVX_PAUSE_FILE"])
     marker.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvx.cli", *args],
+        [sys.executable, *python, *args],
         env={**os.environ, **env, "KVX_PAUSE_AT": point},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -184,13 +184,7 @@ def test_a_kill_before_the_final_rename_leaves_the_previous_output(converted, ti
 
 def test_a_kill_while_materialising_the_gguf_is_cleaned_by_the_next_run(tmp_path, env):
     code = "from kvx.loading import resolve; resolve('smollm2-135m')"
-    marker = Path(env["KVX_PAUSE_FILE"])
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env, "KVX_PAUSE_AT": "gguf-materialise"})
-    while not marker.exists():
-        assert proc.poll() is None, "the materialisation ended before its pause point"
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill(_paused([code], env, "gguf-materialise", python=("-c",)))
     cache = tmp_path / "cache"
     assert not (cache / "smollm2-135m").exists()
     assert [p.name for p in cache.iterdir() if p.name.startswith("smollm2-135m.tmp-")]

@@ -17,11 +17,20 @@ import yaml
 
 from .errors import KvxError
 from .modeling import kvx_specs
-from .modeling.kvx_specs import SPEC_TYPES, CacheGeometry, FullSpec, LayerSpec, MLASpec, StreamingSpec
+from .modeling.kvx_specs import (
+    SPEC_TYPES,
+    CacheGeometry,
+    CondensedSpec,
+    FullSpec,
+    LayerSpec,
+    MLASpec,
+    StreamingSpec,
+)
 
 __all__ = [
     "SPEC_TYPES",
     "CacheGeometry",
+    "CondensedSpec",
     "FullSpec",
     "LayerSpec",
     "MLASpec",
@@ -179,7 +188,7 @@ class Plan:
             kept = spec.cached_tokens(n_tokens)
             if geom.layer_types and geom.layer_types[i] == "sliding_attention" and geom.sliding_window:
                 kept = min(kept, geom.sliding_window - 1)
-            out.append(spec.cached_floats(geom) * kept * dtype_bytes)
+            out.append(spec.cached_floats(geom, i) * kept * dtype_bytes)
         return out
 
     def kv_bytes(self, geom: CacheGeometry, n_tokens: int, dtype_bytes: int) -> int:

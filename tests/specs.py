@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvx.plan import FullSpec, MLASpec, StreamingSpec
+from kvx.plan import CondensedSpec, FullSpec, MLASpec, StreamingSpec
 
 
 @dataclass(frozen=True)
@@ -31,4 +31,9 @@ EXAMPLES: list[Example] = [
     Example("mla-deepseek", lambda a: MLASpec(12, 8, "high", "deepseek"), refused_by=("qwen3", "gemma3")),
     Example("streaming", lambda a: StreamingSpec(2, 8), refused_by=("gemma3",)),  # gemma3 has local-window layers
     Example("streaming-sinkless", lambda a: StreamingSpec(0, 9), refused_by=("gemma3",)),
+    # condensed on every layer: one source, every other layer reads it. Enough passes to be exact
+    # at the test's 40 tokens. gemma3's layers alternate local and global: none can pair here.
+    Example("condensed-down", lambda a: CondensedSpec(0), refused_by=("gemma3",)),  # cross-layer attention
+    Example("condensed-top", lambda a: CondensedSpec(a.n_layers - 1, passes=40), refused_by=("gemma3",)),  # LCKV
+    Example("condensed-both", lambda a: CondensedSpec(1, passes=40), refused_by=("gemma3",)),
 ]

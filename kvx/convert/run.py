@@ -22,7 +22,7 @@ from ..io.staging import pause_point
 from ..layerwise import Walker
 from ..loading import load_model, load_source, load_tokenizer, resolve
 from ..measure.kv import check_layer_bytes
-from ..methods import get_method, method_of
+from ..methods import check_plan, get_method, method_of
 from ..modeling.modeling_kvx import write_checkpoint_files
 from ..plan import FullSpec, Plan, parse_layers, spec_string
 from ..progress import Progress, no_progress
@@ -168,8 +168,7 @@ def convert(
         plan, how = _plan_from_file(cfg, adapter, name), "a per-layer plan"
     else:
         plan, how = _plan_from_target(cfg, lambda: base or load_model(model)[0], tokenizer, adapter, name, progress)
-    for i, spec in enumerate(plan.layers):  # every spec checked once, before any work
-        method_of(spec).check(spec, adapter, i)
+    check_plan(plan, adapter)  # every spec checked once, before any work
     exporter, export_out = None, None
     if cfg.export:
         exporter = check_export(cfg.export)

@@ -110,6 +110,36 @@ def _cache_bytes(module, runtime_layer, n_layers: int, idx: int, x, kw) -> int:
     return layer_nbytes(cache.layers[idx])
 
 
+def _convert_alone(method, spec, layer_in, attn, config, meta, batches, fit: FitSettings):
+    """A layer that runs alone: its method's candidates judged by attention-output error on the
+    held-out batch (with calibration), the best one fitted if asked; (record, output, module)."""
+    xs, kws, ys = batches
+    calibrated = layer_in.stats is not None
+    record = LayerRecord()
+    held_out = slice(len(xs) - 1, len(xs))
+    best = None
+    for label, candidate in method.convert_candidates(spec, layer_in).items():
+        module = module_for(attn, spec, config, meta, candidate.state)
+        err = attention_error(module, xs[held_out], kws[held_out], ys[held_out]) if calibrated else 0.0
+        record.candidates[label] = err
+        if best is None or err < best[0]:
+            best = (err, label, candidate, module)
+    record.error_init, record.chosen, chosen, module = best
+    trainable = method.trainable(spec, layer_in.index)
+    if calibrated and fit.steps and trainable:
+        with torch.enable_grad():
+            train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
+            _fit(module, trainable, xs[train], kws[train], ys[train], fit)
+        fitted = attention_error(module, xs[held_out], kws[held_out], ys[held_out])
+        record.error_fitted = min(fitted, record.error_init)
+        if fitted <= record.error_init:  # fitting may never make the layer worse than its initialisation
+            state_fitted = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            chosen = LayerOutput(state_fitted, chosen.dropped, chosen.info)
+        else:
+            module = module_for(attn, spec, config, meta, chosen.state)
+    return record, chosen, module
+
+
 @torch.no_grad()
 def sequential_convert(
     walker: Walker,
@@ -148,35 +178,21 @@ def sequential_convert(
             if calibrated:
                 accumulate(stats, attn, x, adapter, queries)
             xs.append(x), kws.append(kw), ys.append(y)
-        layer_in = LayerInput.read(adapter, model, i, stats if calibrated else None, opts)
-        record = LayerRecord()
-        held_out = slice(len(xs) - 1, len(xs))
-        best = None
-        for label, candidate in method.convert_candidates(spec, layer_in).items():
-            module = module_for(attn, spec, config, meta, candidate.state)
-            err = attention_error(module, xs[held_out], kws[held_out], ys[held_out]) if calibrated else 0.0
-            record.candidates[label] = err
-            if best is None or err < best[0]:
-                best = (err, label, candidate, module)
-        record.error_init, record.chosen, chosen, module = best
-        trainable = method.trainable(spec)
-        if calibrated and fit.steps and trainable:
-            with torch.enable_grad():
-                train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
-                _fit(module, trainable, xs[train], kws[train], ys[train], fit)
-            fitted = attention_error(module, xs[held_out], kws[held_out], ys[held_out])
-            record.error_fitted = min(fitted, record.error_init)
-            if fitted <= record.error_init:  # fitting may never make the layer worse than its initialisation
-                state_fitted = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                chosen = LayerOutput(state_fitted, chosen.dropped, chosen.info)
-            else:
-                module = module_for(attn, spec, config, meta, chosen.state)
-        runtime = RUNTIMES[spec.kind]
-        record.cache_bytes = _cache_bytes(
-            module, runtime.cache_layer(spec, config, sliding[i]), adapter.n_layers, i, xs[0], kws[0]
+        layer_in = LayerInput.read(
+            adapter, model, i, stats if calibrated else None, opts, plan.layers, walker.attention_state
         )
+        runtime = RUNTIMES[spec.kind]
+        if method.standalone(spec, i):
+            record, chosen, module = _convert_alone(method, spec, layer_in, attn, config, meta, (xs, kws, ys), fit)
+            record.cache_bytes = _cache_bytes(
+                module, runtime.cache_layer(spec, config, sliding[i], i), adapter.n_layers, i, xs[0], kws[0]
+            )
+        else:  # it reads another layer's cache: judged, measured and healed with the whole model
+            chosen = method.convert_layer(spec, layer_in)
+            record, module = LayerRecord(chosen="default"), attn
+            record.cache_bytes = layer_nbytes(runtime.cache_layer(spec, config, sliding[i], i))
         record.base_cache_bytes = _cache_bytes(
-            attn, RUNTIMES["full"].cache_layer(spec, config, sliding[i]), adapter.n_layers, i, xs[0], kws[0]
+            attn, RUNTIMES["full"].cache_layer(spec, config, sliding[i], i), adapter.n_layers, i, xs[0], kws[0]
         )
         if hs_conv is not None:
             with adapter.attention_replaced(model, i, module):

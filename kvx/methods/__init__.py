@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import KvxError
 from .base import LayerInput, LayerOutput, Method, Option
+from .condensed import CondensedMethod
 from .full import FullMethod
 from .mla import MLAMethod
 from .streaming import StreamingMethod
@@ -19,6 +20,7 @@ METHODS: dict[str, Method] = {
     "full": FullMethod(),
     "mla": MLAMethod(),
     "streaming": StreamingMethod(),
+    "condensed": CondensedMethod(),
 }
 
 
@@ -32,6 +34,14 @@ def get_method(kind: str) -> Method:
 
 def method_of(spec) -> Method:
     return get_method(spec.kind)
+
+
+def check_plan(plan, adapter) -> None:
+    """Every layer's spec checked for its layer, then each kind's layers together: before any work."""
+    for i, spec in enumerate(plan.layers):
+        method_of(spec).check(spec, adapter, i)
+    for kind in sorted(plan.kinds()):
+        get_method(kind).check_plan(plan, adapter)
 
 
 def shortcut_options() -> dict[str, tuple[str, Option]]:
@@ -52,6 +62,7 @@ __all__ = [
     "LayerOutput",
     "Method",
     "Option",
+    "check_plan",
     "get_method",
     "method_of",
     "shortcut_options",

@@ -41,14 +41,18 @@ class LayerInput:
     k_gain: torch.Tensor | None = None
     stats: Any = None  # calibration.LayerStats
     options: dict = field(default_factory=dict)  # the method's conversion options (``Method.conversion_options``)
+    plan: list | None = None  # every layer's spec, for methods whose layers depend on others
+    peer: Any = None  # ``peer(j)``: layer j's attention state, as ``state`` (cross-layer methods read it)
 
     @classmethod
-    def read(cls, adapter, model, index: int, stats=None, options: dict | None = None) -> LayerInput:
+    def read(
+        cls, adapter, model, index: int, stats=None, options: dict | None = None, plan=None, peer=None
+    ) -> LayerInput:
         """Layer ``index`` of ``model`` as its method sees it."""
         state = adapter.attention_state(model, index)
-        return cls(
-            index, state, adapter.attention_weights(state), adapter, adapter.k_norm_weight(state), stats, options or {}
-        )
+        weights, gain = adapter.attention_weights(state), adapter.k_norm_weight(state)
+        peer = peer or (lambda j: adapter.attention_state(model, j))
+        return cls(index, state, weights, adapter, gain, stats, options or {}, plan, peer)
 
 
 @dataclass
@@ -97,6 +101,15 @@ class Method:
     def check(self, spec, adapter, layer: int) -> None:
         """Raise ``KvxError`` (one line, naming the layer) if ``spec`` cannot run in ``layer``."""
 
+    def check_plan(self, plan, adapter) -> None:
+        """Raise ``KvxError`` if the plan's layers of this kind cannot run together (one layer
+        reading another's cache, say); called once per kind present, after every ``check``."""
+
+    def standalone(self, spec, layer: int) -> bool:
+        """Whether the layer's attention runs on its own input alone (layer-at-a-time conversion
+        measures and fits only such layers; a layer that reads another layer's cache cannot)."""
+        return True
+
     def needs(self, spec, calibrated: bool, options: dict | None = None) -> frozenset[str]:
         """What must be measured before converting a layer: ``calibration`` (input statistics).
         ``options``: the conversion options given (checked here, before any work)."""
@@ -114,7 +127,7 @@ class Method:
 
     # -- distillation
 
-    def trainable(self, spec) -> tuple[str, ...]:
+    def trainable(self, spec, layer: int | None = None) -> tuple[str, ...]:
         """Modules inside the layer's attention that ``kvx distill --train converted`` trains:
         the weights the conversion created (nothing for a layer that kept its weights)."""
         return ()

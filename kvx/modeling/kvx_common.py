@@ -76,13 +76,14 @@ class LayerRuntime:
     line in ``modeling_kvx.RUNTIMES``. The defaults are those of a ``full`` layer."""
 
     kind: str = "full"
+    needs_cache: bool = False  # layers read other layers' cache entries: the model makes a cache even without use_cache
 
     def attention(self, base: nn.Module, spec, config, meta: dict) -> nn.Module:
         """The layer's attention module, built around the base model's freshly made one."""
         return base
 
-    def cache_layer(self, spec, config, sliding: bool):
-        """The cache layer of one decoder layer (``sliding``: the base layer has a local window)."""
+    def cache_layer(self, spec, config, sliding: bool, layer: int | None = None):
+        """The cache layer of decoder layer ``layer`` (``sliding``: the base layer has a local window)."""
         return DynamicSlidingWindowLayer(config.sliding_window) if sliding else DynamicLayer()
 
     def init_model(self, model: nn.Module, layers: list[int]) -> None:

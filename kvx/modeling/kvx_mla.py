@@ -283,5 +283,5 @@ class MLARuntime(LayerRuntime):
     def attention(self, base, spec, config, meta):
         return MLAAttention(base, spec, config, meta.get("k_norm_eps"))
 
-    def cache_layer(self, spec, config, sliding):
+    def cache_layer(self, spec, config, sliding, layer=None):
         return MLASlidingCacheLayer(config.sliding_window) if sliding else MLACacheLayer()

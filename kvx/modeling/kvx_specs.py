@@ -32,7 +32,7 @@ class FullSpec:
 
     kind: ClassVar[str] = "full"
 
-    def cached_floats(self, geom: CacheGeometry) -> int:
+    def cached_floats(self, geom: CacheGeometry, layer: int | None = None) -> int:
         return 2 * geom.n_kv_heads * geom.head_dim
 
     def cached_tokens(self, n_tokens: int) -> int:
@@ -62,7 +62,7 @@ class MLASpec:
         """One RoPE key for all heads (the shared and deepseek layouts)."""
         return self.layout in ("shared", "deepseek")
 
-    def cached_floats(self, geom: CacheGeometry) -> int:
+    def cached_floats(self, geom: CacheGeometry, layer: int | None = None) -> int:
         return self.kv_rank + self.rope_dims + (geom.n_kv_heads if geom.k_norm else 0)
 
     def cached_tokens(self, n_tokens: int) -> int:
@@ -79,18 +79,47 @@ class StreamingSpec:
     kind: ClassVar[str] = "streaming"
     always_shown: ClassVar[tuple[str, ...]] = ("sink", "window")  # in spec strings, defaults or not
 
-    def cached_floats(self, geom: CacheGeometry) -> int:
+    def cached_floats(self, geom: CacheGeometry, layer: int | None = None) -> int:
         return 2 * geom.n_kv_heads * geom.head_dim
 
     def cached_tokens(self, n_tokens: int) -> int:
         return min(n_tokens, self.sink + self.window)
 
 
-LayerSpec = FullSpec | MLASpec | StreamingSpec
+@dataclass(frozen=True)
+class CondensedSpec:
+    """Layer-condensed KV (LCKV, Wu & Tu 2024; cross-layer attention, Brandon et al. 2024): the
+    layer attends to the K/V of layer ``source``. A layer that is its own source computes and
+    caches K/V, for itself and for the layers that read it; any other keeps no K/V projections
+    and caches nothing. A source below the layer needs nothing special. A source above it
+    (LCKV proper) has not run yet when the layer does: a token sees the source's K/V of the
+    tokens before it only, and a prompt is prefilled by iterating the model, ``passes`` times
+    without gradient and then ``grad_passes`` times (with gradient when training), each pass
+    reading the K/V the previous one computed (the first reads zeros).
+    ``train_q``: distillation trains the reader's query projection too."""
+
+    source: int
+    passes: int = 7
+    grad_passes: int = 2
+    train_q: bool = False
+    kind: ClassVar[str] = "condensed"
+    always_shown: ClassVar[tuple[str, ...]] = ("source",)
+
+    def cached_floats(self, geom: CacheGeometry, layer: int | None = None) -> int:
+        if layer is None:
+            raise ValueError("a condensed layer's cache depends on its index: pass layer=")
+        return 2 * geom.n_kv_heads * geom.head_dim if layer == self.source else 0
+
+    def cached_tokens(self, n_tokens: int) -> int:
+        return n_tokens
+
+
+LayerSpec = FullSpec | MLASpec | StreamingSpec | CondensedSpec
 SPEC_TYPES: dict[str, type] = {
     "full": FullSpec,
     "mla": MLASpec,
     "streaming": StreamingSpec,
+    "condensed": CondensedSpec,
 }
 RUNTIME_ONLY_KEYS = ("absorb",)  # switches of the runtime, not part of a spec
 

@@ -136,5 +136,5 @@ class StreamingRuntime(LayerRuntime):
     def attention(self, base, spec, config, meta):
         return StreamingAttention(base, spec, config)
 
-    def cache_layer(self, spec, config, sliding):
+    def cache_layer(self, spec, config, sliding, layer=None):
         return StreamingCacheLayer(spec.sink, spec.window)

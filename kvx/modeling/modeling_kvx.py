@@ -17,6 +17,7 @@ norms, RoPE, masks, ``generate``) stays the family's own code.
 
 from __future__ import annotations
 
+import inspect
 import json
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_kvx import KVX_CONFIG_KEY, KvxConfig, base_config, kvx_config_dict, load_config
 from .kvx_common import (  # noqa: F401  (re-exported: the library and tests read them from here)
+    NEW_CACHE_ARG,
+    OLD_CACHE_ARG,
     LayerRuntime,
     cache_arg,
     cache_kwargs,
@@ -36,6 +39,7 @@ from .kvx_common import (  # noqa: F401  (re-exported: the library and tests rea
     output_cache,
     pop_cache,
 )
+from .kvx_condensed import CondensedRuntime
 from .kvx_mla import MLARuntime
 from .kvx_specs import spec_from_dict
 from .kvx_streaming import StreamingRuntime
@@ -45,6 +49,7 @@ RUNTIMES: dict[str, LayerRuntime] = {
     "full": LayerRuntime(),
     "mla": MLARuntime(),
     "streaming": StreamingRuntime(),
+    "condensed": CondensedRuntime(),
 }
 
 
@@ -85,8 +90,8 @@ def make_cache(config) -> Cache:
     """One cache layer per decoder layer, each from its spec's runtime."""
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     layers = [
-        _runtime(spec.kind).cache_layer(spec, config, layer_type == "sliding_attention")
-        for spec, layer_type in zip(kvx_layers(config), layer_types)
+        _runtime(spec.kind).cache_layer(spec, config, layer_type == "sliding_attention", i)
+        for i, (spec, layer_type) in enumerate(zip(kvx_layers(config), layer_types))
     ]
     return Cache(layers=layers)
 
@@ -117,6 +122,7 @@ def kvx_class_for(config) -> type:
     base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if base_cls not in _CLASS_CACHE:
         name = cache_arg(base_cls)
+        positional = list(inspect.signature(base_cls.forward).parameters)[2:]  # after self, input_ids
 
         def __init__(self, config, *args, **kwargs):
             base_cls.__init__(self, config, *args, **kwargs)
@@ -126,19 +132,28 @@ def kvx_class_for(config) -> type:
             self._kvx_forward_hooks = [
                 RUNTIMES[k] for k in kinds if type(RUNTIMES[k]).forward is not LayerRuntime.forward
             ]
+            self._kvx_needs_cache = any(RUNTIMES[k].needs_cache for k in kinds)
 
-        def forward(self, *args, use_cache=None, **kwargs):
+        def forward(self, input_ids=None, *args, use_cache=None, **kwargs):
+            kwargs.update(zip(positional, args))
             cache = pop_cache(kwargs)
-            if cache is None and (use_cache if use_cache is not None else self.config.use_cache):
+            wanted = use_cache if use_cache is not None else self.config.use_cache
+            made = cache is None and (wanted or self._kvx_needs_cache)
+            if made:
                 cache = make_cache(self.config)
-            call = dict(kwargs, use_cache=use_cache, **{name: cache})
+            call = dict(kwargs, input_ids=input_ids, use_cache=use_cache, **{name: cache})
 
             def step(**kw):
-                return base_cls.forward(self, *args, **kw)
+                return base_cls.forward(self, **kw)
 
             for hook in self._kvx_forward_hooks:
                 step = partial(hook.forward, self, step)
-            return step(**call)
+            out = step(**call)
+            if made and not wanted:  # a cache only the layers needed: not handed back
+                for field in (NEW_CACHE_ARG, OLD_CACHE_ARG):
+                    if field in getattr(type(out), "__dataclass_fields__", {}):
+                        setattr(out, field, None)
+            return out
 
         def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
             user_cache = model_kwargs.get(name)

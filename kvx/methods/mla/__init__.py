@@ -201,7 +201,7 @@ class MLAMethod(Method):
             out[r] = cut
         return out
 
-    def trainable(self, spec: MLASpec) -> tuple[str, ...]:
+    def trainable(self, spec: MLASpec, layer: int | None = None) -> tuple[str, ...]:
         # k_scale_proj (Qwen3/Gemma3) is the original k_proj: it only feeds the exact per-head
         # 1/rms of the keys, which the healed latent still needs as it was. It stays frozen.
         return ("kv_a_proj", "kv_b_proj", "k_rope_proj", "kv_a_layernorm")

@@ -63,8 +63,8 @@ class Walker:
 
     def attention_state(self, j: int) -> dict[str, torch.Tensor]:
         """Layer ``j``'s attention state as ``ArchAdapter.attention_state`` gives it, read from the
-        checkpoint when the layers are not in memory (a method that reads other layers asks)."""
-        if self.reader is None or not _on_meta(self.layers[j]):
+        checkpoint when the layers are not all in memory (a method that reads other layers asks)."""
+        if self.reader is None:
             return self.adapter.attention_state(self.model, j)
         state = self.reader.state(self.adapter.attention_prefix(j))
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -73,10 +73,6 @@ class Walker:
         if self.reader is not None:
             self.layers[i] = self.layers[i].to("meta")
             return_freed_memory()
-
-
-def _on_meta(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
 
 
 def return_freed_memory() -> None:

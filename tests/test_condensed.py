@@ -22,7 +22,8 @@ from kvx.modeling.kvx_common import cache_kwargs, cache_nbytes
 from kvx.plan import CondensedSpec, FullSpec, Plan
 
 from .conftest import FAMILIES, tiny_model
-from .helpers import assert_one_line_error, kvx as run_kvx
+from .helpers import assert_one_line_error
+from .helpers import kvx as run_kvx
 
 pytestmark = pytest.mark.runtime
 
@@ -154,7 +155,9 @@ def test_cli_converts_lckv_and_refuses_a_missing_source(tiny_dir, tmp_path):
     refused = run_kvx("convert", str(src), "-o", str(tmp_path / "bad"), "--to", "condensed(source=2)", "--layers", "1")
     assert_one_line_error(refused, "layer 2 is full")
     assert not (tmp_path / "bad").exists()
-    done = run_kvx("convert", str(src), "-o", str(out), "--to", "condensed(source=2)", "--layers", "1-2", "--calib", "none")
+    done = run_kvx(
+        "convert", str(src), "-o", str(out), "--to", "condensed(source=2)", "--layers", "1-2", "--calib", "none"
+    )
     assert done.returncode == 0, done.stderr
     model = kvx.load(str(out))
     assert [s.kind for s in Plan.from_config(model.config).layers] == ["full", "condensed", "condensed"]

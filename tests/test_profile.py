@@ -20,7 +20,7 @@ from kvx.measure.metrics import attention_chunks, energy_ranks, lazy_mass, topk_
 from kvx.methods.mla.maths import output_spectrum
 from kvx.plan import MLASpec, Plan
 from kvx.profile import profile
-from kvx.profile.suggest import suggest_plan
+from kvx.profile.suggest import suggest_condensed, suggest_plan
 
 from .conftest import tiny_model
 
@@ -175,6 +175,33 @@ def test_streaming_plan_from_profile_converts(tiny_dir, tmp_path):
         Plan.from_config(kvx.load(str(tmp_path / "out")).config).layers
         == Plan.load(tmp_path / "prof" / "plan.yaml").layers
     )
+
+
+def test_condensed_suggestion_groups_the_most_similar_neighbours():
+    from kvx.plan import CacheGeometry, CondensedSpec
+
+    # layers 0-2 alike, 3-5 alike: two groups, each reading its first layer
+    sim = [[1.0 if (i < 3) == (j < 3) else 0.1 for j in range(6)] for i in range(6)]
+    plan = suggest_condensed(CacheGeometry(n_kv_heads=1, head_dim=16), sim, target_ratio=3.0)
+    assert plan.layers == [CondensedSpec(0)] * 3 + [CondensedSpec(3)] * 3
+    assert plan.meta["expected_kv_ratio"] == 3.0 and "similarity" in plan.meta["how"]
+    # runs never mix local and global layers, even when asked for fewer groups
+    geom = CacheGeometry(1, 16, sliding_window=8, layer_types=("sliding_attention",) * 2 + ("full_attention",) * 2)
+    mixed = suggest_condensed(geom, [[1.0] * 4] * 4, target_ratio=4.0)
+    assert mixed.layers == [CondensedSpec(0)] * 2 + [CondensedSpec(2)] * 2
+
+
+def test_condensed_plan_from_profile_converts(tiny_dir, tmp_path):
+    src = tiny_dir("qwen2")
+    report = profile(str(src), tmp_path / "prof", condensed=True, target_kv_ratio=1.5, **SMALL)
+    plan = Plan.load(tmp_path / "prof" / "plan.yaml")
+    assert [s.kind for s in plan.layers] == ["condensed"] * 3
+    assert len({s.source for s in plan.layers}) == 2  # ceil(3 / 1.5) sources
+    convert(str(src), tmp_path / "out", plan=tmp_path / "prof" / "plan.yaml", calib="none")
+    conv = kvx.load(str(tmp_path / "out"))
+    ids = torch.randint(0, 1000, (1, 64))
+    ratio = kv_bytes_per_token(AutoModelForCausalLM.from_pretrained(src), ids) / kv_bytes_per_token(conv, ids)
+    assert ratio == pytest.approx(report["expected_kv_ratio"]) == pytest.approx(1.5)
 
 
 def test_reference_with_another_tokenizer_is_refused(tiny_dir, tmp_path, smollm2_dir):

@@ -55,7 +55,7 @@ def convert_layers(base_model, plan: Plan, adapter, stats: dict, on_layer=None, 
 
     outputs = {}
     for i, spec in enumerate(plan.layers):
-        layer = LayerInput.read(adapter, base_model, i, stats.get(i), (options or {}).get(spec.kind))
+        layer = LayerInput.read(adapter, base_model, i, stats.get(i), (options or {}).get(spec.kind), plan.layers)
         outputs[i] = method_of(spec).convert_layer(spec, layer)
         if on_layer:
             on_layer(1)

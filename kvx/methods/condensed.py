@@ -38,7 +38,9 @@ class CondensedMethod(Method):
         "source": Option(int, "condensed: the layer whose K/V the layers attend to (that layer keeps its own)."),
     }
     conversion_options = {
-        "kv_init": Option(str, "condensed: a source's K/V projections: mean (of its readers', LCKV) or keep (its own)."),
+        "kv_init": Option(
+            str, "condensed: a source's K/V projections: mean (of its readers', LCKV) or keep (its own)."
+        ),
     }
     tags = ("lckv", "cross-layer-kv-sharing")
 
@@ -54,6 +56,7 @@ class CondensedMethod(Method):
             )
         mine, theirs = adapter.sliding_window(layer), adapter.sliding_window(spec.source)
         if mine != theirs:
+
             def say(w):
                 return f"a local window of {w}" if w else "global attention"
 

@@ -25,6 +25,9 @@ class ProfileConfig:
     target_kv_ratio: float = opt(4.0, "KV-size cut the suggested plan aims for.")
     streaming: bool = opt(False, "Let the plan make the laziest layers streaming (sinks + window).")
     lazy_threshold: float = opt(0.9, "A layer this lazy (or lazier) may become streaming.")
+    condensed: bool = opt(
+        False, "Suggest layer-condensed groups (adjacent layers reading one layer's K/V) instead of MLA."
+    )
     allocate: str = opt(
         "spectrum",
         "How the plan sizes each MLA layer: spectrum (pooled [K_nope; V] eigenvalues; instant), output (each layer "

@@ -17,7 +17,7 @@ from ..progress import Progress, no_progress
 from .config import ProfileConfig
 from .report import write_report
 from .sensitivity import rank_grid, rope_grid, sweep
-from .suggest import check_room, default_rope_dims, suggest_plan
+from .suggest import check_room, default_rope_dims, suggest_condensed, suggest_plan
 
 ALLOCATIONS = ("spectrum", "output", "loss")
 
@@ -63,7 +63,9 @@ def profile(
     hidden, n_kv, hd = base.config.hidden_size, adapter.n_kv_heads, adapter.head_dim
     r_dims = default_rope_dims(geom, target_kv_ratio) if rope_dims is None else rope_dims
     validate_rope_dims(r_dims, n_kv, hd)
-    if not streaming:
+    if cfg.condensed and (streaming or cfg.allocate != "spectrum"):
+        raise KvxError("--condensed plans have no MLA or streaming layers: drop --streaming / --allocate")
+    if not streaming and not cfg.condensed:
         check_room(geom, adapter.n_layers, target_kv_ratio, r_dims)
     ref = None
     if reference is not None:
@@ -148,21 +150,26 @@ def profile(
         )
         for layer, curve in zip(layers, curves):
             layer["sensitivity"] = {str(rope): {str(r): s for r, s in c.items()} for rope, c in curve.scores.items()}
-    plan = suggest_plan(
-        geom,
-        spectra,
-        lazy,
-        target_kv_ratio,
-        r_dims,
-        streaming,
-        cfg.lazy_threshold,
-        sink=sink,
-        window=window,
-        context=seq_len,
-        base_model=name,
-        curves=curves,
-        allocation=cfg.allocate,
-    )
+    if cfg.condensed:
+        sim = report["cross_layer_similarity"]
+        similarity = [[(k + v) / 2 for k, v in zip(rk, rv)] for rk, rv in zip(sim["k"], sim["v"])]
+        plan = suggest_condensed(geom, similarity, target_kv_ratio, seq_len, name)
+    else:
+        plan = suggest_plan(
+            geom,
+            spectra,
+            lazy,
+            target_kv_ratio,
+            r_dims,
+            streaming,
+            cfg.lazy_threshold,
+            sink=sink,
+            window=window,
+            context=seq_len,
+            base_model=name,
+            curves=curves,
+            allocation=cfg.allocate,
+        )
     report["suggested_plan"] = plan.to_dict()
     report["expected_kv_ratio"] = plan.meta["expected_kv_ratio"]
     with atomic_dir(out, overwrite) as tmp:

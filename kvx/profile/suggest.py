@@ -9,14 +9,21 @@
    ``output`` / ``loss``: each layer's measured error over a grid of (kv_rank, rope_dims)
    (``sensitivity.py``), and the sizes that minimise the summed error under the budget.
 3. A layer whose MLA cost would reach its full cost stays ``full``.
+
+Or (``--condensed``) layer-condensed groups: the layers cut into ``n / ratio`` runs of adjacent
+layers of one kind (global or local), each run's first layer its source and the others reading
+its K/V (cross-layer attention: no iterative prefill), the cut that maximises the measured
+cross-layer K/V similarity of every reader to its source.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import KvxError
-from ..plan import CacheGeometry, FullSpec, MLASpec, Plan, StreamingSpec
+from ..plan import CacheGeometry, CondensedSpec, FullSpec, MLASpec, Plan, StreamingSpec
 from .sensitivity import LayerCurve, allocate
 
 
@@ -106,4 +113,50 @@ def _finish(plan: Plan, geom: CacheGeometry, n: int, target_ratio: float, contex
         "expected_kv_ratio": round(expected, 3),
         "context": context,
     }
+    return plan
+
+
+def suggest_condensed(
+    geom: CacheGeometry,
+    similarity: list[list[float]],
+    target_ratio: float = 2.0,
+    context: int = 8192,
+    base_model: str | None = None,
+) -> Plan:
+    """Condensed groups for ``target_ratio``: ``ceil(n / ratio)`` sources, the layers split into
+    adjacent runs (one kind of attention each) by dynamic programming on the summed similarity
+    of each reader to its run's first layer."""
+    n = len(similarity)
+    if target_ratio < 1:
+        raise KvxError(f"--target-kv-ratio {target_ratio} must be at least 1")
+    kinds = list(geom.layer_types) if geom.layer_types else ["full_attention"] * n
+    changes = 1 + sum(a != b for a, b in zip(kinds, kinds[1:]))  # runs can never mix kinds
+    groups = max(math.ceil(n / target_ratio), changes)
+    worst = float("-inf")
+
+    def gain(a: int, b: int) -> float:  # layers a..b-1, source a
+        if any(kinds[i] != kinds[a] for i in range(a, b)):
+            return worst
+        return sum(similarity[i][a] for i in range(a + 1, b))
+
+    best = [[worst] * (groups + 1) for _ in range(n + 1)]
+    cut = [[0] * (groups + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for b in range(1, n + 1):
+        for g in range(1, groups + 1):
+            for a in range(g - 1, b):
+                value = best[a][g - 1] + gain(a, b)
+                if value > best[b][g]:
+                    best[b][g], cut[b][g] = value, a
+    specs: list = [None] * n
+    b, g = n, groups
+    while b:
+        a = cut[b][g]
+        specs[a:b] = [CondensedSpec(a)] * (b - a)
+        b, g = a, g - 1
+    plan = _finish(Plan(specs, base_model), geom, n, target_ratio, context, "condensed")
+    plan.meta["how"] = (
+        f"{groups} runs of adjacent layers, each reading its first layer's K/V, chosen to maximise the "
+        "cross-layer K/V cosine similarity (profile) of the readers to their source"
+    )
     return plan

@@ -2,7 +2,9 @@
 beside MLA at the same cut, converted and after a short distillation.
 
 Rows (SmolLM2 has 30 layers; a cut keeps ``ceil(30 / ratio)`` layers' K/V):
-- ``down``: adjacent runs, each reading its first layer (cross-layer attention, no iterative prefill);
+- ``down``: adjacent runs, each reading its first layer (cross-layer attention, no iterative prefill),
+  the source's K/V projections the mean of its readers' (``--kv-init mean``); ``down-keep``: the
+  same runs, each source keeping its own projections (``--kv-init keep``);
 - ``profile``: the runs ``kvx profile --condensed`` chooses from the measured cross-layer similarity;
 - ``lckv``: LCKV with warm-up layers: the bottom layers keep their own K/V, all others read the
   top layer (iterative prefill, 7 + 2 passes);
@@ -11,7 +13,7 @@ Columns: perplexity on the bundled text and on ``wiki`` after 0 and each distill
 (`kvx distill`, its defaults), measured KV ratio, prefill and decode tokens/s against the original.
 
     python benchmarks/condensed.py [--ratios 2,4] [--rows down,profile,lckv,mla] [--tokens 32768,131072]
-        [--distill-rows down,lckv,mla] [--out runs/bench-condensed] [--reuse]
+        [--distill-rows down,down-keep,lckv,mla] [--out runs/bench-condensed] [--reuse]
 """
 
 from __future__ import annotations
@@ -94,16 +96,17 @@ def _convert(row: str, ratio: int, out: Path, loaded) -> None:
         profile(MODEL, where, overwrite=True, condensed=True, target_kv_ratio=float(ratio))
         plan = where / "plan.yaml"
     else:
-        plan = (down_plan if row == "down" else lckv_plan)(ratio)
-    convert(MODEL, out, overwrite=True, loaded=loaded, plan=plan, calib="none")
+        plan = (lckv_plan if row == "lckv" else down_plan)(ratio)
+    init = "keep" if row.endswith("-keep") else "mean"
+    convert(MODEL, out, overwrite=True, loaded=loaded, plan=plan, calib="none", kv_init=init)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="2,4")
-    ap.add_argument("--rows", default="down,profile,lckv,mla")
+    ap.add_argument("--rows", default="down,down-keep,profile,lckv,mla")
     ap.add_argument("--tokens", default="32768,131072", help="distillation budgets; '' for none")
-    ap.add_argument("--distill-rows", default="down,lckv,mla")
+    ap.add_argument("--distill-rows", default="down,down-keep,lckv,mla")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--reuse", action="store_true", help="reuse conversions (and their scores) of an earlier run")
     ap.add_argument("--out", default="runs/bench-condensed")

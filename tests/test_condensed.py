@@ -19,10 +19,10 @@ from kvx.convert.assemble import convert_model
 from kvx.errors import KvxError
 from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cache
 from kvx.modeling.kvx_common import cache_kwargs, cache_nbytes
-from kvx.plan import CondensedSpec, FullSpec, Plan
+from kvx.plan import CondensedSpec, FullSpec, MLASpec, Plan, StreamingSpec
 
 from .conftest import FAMILIES, tiny_model
-from .helpers import assert_one_line_error
+from .helpers import assert_one_line_error, reload_without_kvx
 from .helpers import kvx as run_kvx
 
 pytestmark = pytest.mark.runtime
@@ -116,6 +116,24 @@ def test_gemma3_local_layer_reads_a_local_layer_below():
     assert kv_bytes_per_token_spec(model, 40) < kv_bytes_per_token_spec(base_plan_model(base), 40)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_layers_above_an_mla_layer_share_its_latent(family, tmp_path):
+    """Readers of an MLA source attend its cached latent through its up-projections: one latent
+    for three layers, decoded (absorbed form) as prefilled (expanded form), and without kvx."""
+    base = tiny_model(family)
+    rope = 4 * base.config.num_key_value_heads  # two frequency pairs per KV head
+    model, _ = convert_model(base, Plan([MLASpec(12, rope, "high"), C(0), C(0)]))
+    with torch.no_grad():
+        full = model(IDS, use_cache=False).logits
+    assert_close(_token_by_token(model, IDS), full, atol=1e-4, rtol=0)
+    assert kv_bytes_per_token(model, IDS) == kv_bytes_per_token_spec(model, IDS.shape[1])
+    only_mla = convert_model(base, Plan([MLASpec(12, rope, "high")] + [FullSpec()] * 2))[0]
+    assert kv_bytes_per_token_spec(model, 40) < kv_bytes_per_token_spec(only_mla, 40) / 2
+    model.save_pretrained(tmp_path / "ckpt")
+    got = reload_without_kvx(tmp_path / "ckpt", IDS)
+    assert_close(got["logits"], full, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("init", ["mean", "keep"])
 def test_source_projections_are_the_readers_mean_or_its_own(init, tiny_dir, tmp_path):
     src = tiny_dir("qwen2")  # k/v biases: averaged too
@@ -136,6 +154,8 @@ def test_source_projections_are_the_readers_mean_or_its_own(init, tiny_dir, tmp_
         ("llama", [C(5), FullSpec(), FullSpec()], "source 5 does not exist"),
         ("llama", [C(1), FullSpec(), FullSpec()], "layer 1 is full: make it condensed(source=1)"),
         ("llama", [C(1), C(2), C(2)], "which itself reads layer 2"),
+        ("llama", [C(1), MLASpec(8, 8, "high"), FullSpec()], "an MLA layer above it"),
+        ("llama", [StreamingSpec(2, 8), C(0), FullSpec()], "a streaming layer"),
         ("llama", [C(2, passes=3), C(2, passes=4), C(2)], "must share passes"),
         ("gemma3", [C(1), C(1), FullSpec()], "cannot read layer 1's K/V (global attention)"),
         ("gemma3", [C(2), FullSpec(), C(2)], "local-window layers can only read a layer below"),
@@ -154,6 +174,9 @@ def test_cli_converts_lckv_and_refuses_a_missing_source(tiny_dir, tmp_path):
     out = tmp_path / "lckv"
     refused = run_kvx("convert", str(src), "-o", str(tmp_path / "bad"), "--to", "condensed(source=2)", "--layers", "1")
     assert_one_line_error(refused, "layer 2 is full")
+    assert_one_line_error(
+        run_kvx("convert", str(src), "-o", str(tmp_path / "bad"), "--to", "condensed"), "needs its source"
+    )
     assert not (tmp_path / "bad").exists()
     done = run_kvx(
         "convert", str(src), "-o", str(out), "--to", "condensed(source=2)", "--layers", "1-2", "--calib", "none"

@@ -24,7 +24,8 @@ class ConvertConfig:
 
     to: str = opt(
         DEFAULT_TARGET,
-        "Target spec for the chosen layers: a kind (mla, streaming) or a spec like 'mla(kv_rank=60, rope_dims=36)'.",
+        "Target spec for the chosen layers: a kind (mla, streaming) or a spec like 'mla(kv_rank=60, rope_dims=36)' "
+        "or 'condensed(source=29)'.",
     )
     layers: str | None = opt(
         None,

@@ -44,6 +44,14 @@ class CondensedMethod(Method):
     }
     tags = ("lckv", "cross-layer-kv-sharing")
 
+    def make_spec(self, args: dict, adapter, calibrated: bool) -> CondensedSpec:
+        if "source" not in args:
+            raise KvxError(
+                "condensed needs its source: --to 'condensed(source=J)' or --source J (the layer whose K/V the "
+                "converted layers read; convert layer J too)"
+            )
+        return super().make_spec(args, adapter, calibrated)
+
     def check(self, spec: CondensedSpec, adapter, layer: int) -> None:
         if not 0 <= spec.source < adapter.n_layers:
             raise KvxError(
@@ -74,6 +82,20 @@ class CondensedMethod(Method):
             if not isinstance(spec, CondensedSpec) or spec.source == i:
                 continue
             source = layers[spec.source]
+            if source.kind == "mla":
+                if spec.source > i or adapter.sliding_window(spec.source) is not None:
+                    where = "above it" if spec.source > i else "with a local window"
+                    raise KvxError(
+                        f"layer {i} reads layer {spec.source}, an MLA layer {where}: an MLA latent can be read "
+                        "only by layers above a global MLA layer"
+                    )
+                continue
+            if source.kind == "streaming":
+                raise KvxError(
+                    f"layer {i} reads layer {spec.source}, a streaming layer: a reader would see only that layer's "
+                    f"sinks and window, which nothing measured says suits it; make layer {spec.source} "
+                    f"condensed(source={spec.source}) or the reader streaming too"
+                )
             if not isinstance(source, CondensedSpec):
                 raise KvxError(
                     f"layer {i} reads layer {spec.source}'s K/V, but layer {spec.source} is {source.kind}: make it "

@@ -2,7 +2,9 @@
 
 A layer whose spec names itself as ``source`` is the base attention, untouched, over a cache
 layer that also lets other layers see what it just stored. Every other condensed layer keeps
-its query and output projections only: its keys and values are its source's.
+its query and output projections only: its keys and values are its source's. The source may
+also be an MLA layer below: the reader's queries then attend that layer's cached latent and
+RoPE keys through its up-projections (one latent shared across layers).
 
 A source *below* the reader has already run when the reader does: the reader attends its
 source's visible K/V of this step with the reader's own mask (cross-layer attention). A
@@ -117,6 +119,11 @@ class CondensedAttention(nn.Module):
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         self.q_proj, self.o_proj = base.q_proj, base.o_proj
         self.q_norm = getattr(base, "q_norm", None)
+        self._latent_source: tuple = ()  # (the MLA source's attention module,): not a submodule of this one
+
+    def read_latent_of(self, module: nn.Module) -> None:
+        """Attend over an MLA source's latent, through that layer's own up-projections."""
+        self._latent_source = (module,)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cache = pop_cache(kwargs, past_key_values)
@@ -126,8 +133,13 @@ class CondensedAttention(nn.Module):
         q = self.q_proj(hidden_states).view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = rotate_half_rope(q, *position_embeddings)
         source = cache.layers[self.source]
+        if self._latent_source:  # an MLA source below: its latent and RoPE keys, its maths
+            mla = self._latent_source[0]
+            out = mla.attend(*mla.split_query(q, *position_embeddings), source.keys, source.values, attention_mask, t)
+            cache.layers[self.layer_idx].advance(t)
+            return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1)), None
+        q = rotate_half_rope(q, *position_embeddings)
         if self.above:
             k, v, mask, seen = self._above(source, q)
         else:
@@ -203,6 +215,11 @@ class CondensedRuntime(LayerRuntime):
 
     def init_model(self, model, layers):
         specs = {i: spec_from_dict(model.config.kvx["layers"][i]) for i in layers}
+        decoder = model.model.layers
+        for i, spec in specs.items():
+            source = decoder[spec.source].self_attn
+            if spec.source != i and hasattr(source, "split_query"):  # an MLA layer
+                decoder[i].self_attn.read_latent_of(source)
         above = [s for i, s in specs.items() if s.source > i]
         model._kvx_condensed = _Iteration(
             sorted({s.source for s in above}),

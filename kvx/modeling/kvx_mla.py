@@ -179,23 +179,31 @@ class MLAAttention(nn.Module):
         q = self.q_proj(hidden_states).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
+        q_nope, q_rope = self.split_query(q, cos, sin)
+        latent, k_rope = self._compress(hidden_states, cos, sin)
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
+        out = self.attend(q_nope, q_rope, latent, k_rope, attention_mask, q_len)
+        out = out.transpose(1, 2).reshape(bsz, q_len, -1)
+        return self.o_proj(out), None
+
+    def split_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries ``[B, heads, T, head_dim]`` (normed, before RoPE) -> the NoPE part and the rotated
+        RoPE part this layer's keys pair with (also what a condensed layer reading this one uses)."""
+        bsz, _, q_len, _ = q.shape
         q_pairs, q_rope_idx, q_nope_idx, q_mix = self._q_indices()
         expand = (bsz, self.n_heads, q_len, -1)
         q_nope = q if self.shared else q.gather(-1, q_nope_idx[None, :, None, :].expand(expand))
         q_rope = q.gather(-1, q_rope_idx[None, :, None, :].expand(expand))
         if q_mix is not None:
             q_rope = q_rope * q_mix.to(q_rope.dtype)
-        q_rope = _rotate_pairs(q_rope, *_pair_angles(cos, sin, q_pairs))
+        return q_nope, _rotate_pairs(q_rope, *_pair_angles(cos, sin, q_pairs))
 
-        latent, k_rope = self._compress(hidden_states, cos, sin)
-        if cache is not None:
-            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
-
+    def attend(self, q_nope, q_rope, latent, k_rope, attention_mask, q_len: int) -> torch.Tensor:
+        """Attention over the cached latent and RoPE keys: ``[B, heads, T, head_dim]``."""
         absorbed = self.absorb == "always" or (self.absorb == "decode" and q_len == 1)
         run = self._attend_absorbed if absorbed else self._attend_expanded
-        out = run(q_nope, q_rope, latent, k_rope, attention_mask, q_len)
-        out = out.transpose(1, 2).reshape(bsz, q_len, -1)
-        return self.o_proj(out), None
+        return run(q_nope, q_rope, latent, k_rope, attention_mask, q_len)
 
     def _compress(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """What one token adds to the cache: latent (+ per-KV-head 1/rms) and RoPE keys."""

@@ -4,7 +4,8 @@ beside MLA at the same cut, converted and after a short distillation.
 Rows (SmolLM2 has 30 layers; a cut keeps ``ceil(30 / ratio)`` layers' K/V):
 - ``down``: adjacent runs, each reading its first layer (cross-layer attention, no iterative prefill),
   the source's K/V projections the mean of its readers' (``--kv-init mean``); ``down-keep``: the
-  same runs, each source keeping its own projections (``--kv-init keep``);
+  same runs, each source keeping its own projections (``--kv-init keep``); ``down-q``: ``down``
+  whose distillation also trains the readers' queries (``train_q=true``);
 - ``profile``: the runs ``kvx profile --condensed`` chooses from the measured cross-layer similarity;
 - ``lckv``: LCKV with warm-up layers: the bottom layers keep their own K/V, all others read the
   top layer (iterative prefill, 7 + 2 passes);
@@ -36,11 +37,11 @@ TEXTS = ("bundled", "wiki")
 PREFILL, DECODE = 512, 32
 
 
-def down_plan(ratio: int):
+def down_plan(ratio: int, train_q: bool = False):
     from kvx.plan import CondensedSpec, Plan
 
     size = math.ceil(N_LAYERS / math.ceil(N_LAYERS / ratio))
-    return Plan([CondensedSpec(i - i % size) for i in range(N_LAYERS)])
+    return Plan([CondensedSpec(i - i % size, train_q=train_q) for i in range(N_LAYERS)])
 
 
 def lckv_plan(ratio: int):
@@ -96,7 +97,7 @@ def _convert(row: str, ratio: int, out: Path, loaded) -> None:
         profile(MODEL, where, overwrite=True, condensed=True, target_kv_ratio=float(ratio))
         plan = where / "plan.yaml"
     else:
-        plan = (lckv_plan if row == "lckv" else down_plan)(ratio)
+        plan = lckv_plan(ratio) if row == "lckv" else down_plan(ratio, train_q=row == "down-q")
     init = "keep" if row.endswith("-keep") else "mean"
     convert(MODEL, out, overwrite=True, loaded=loaded, plan=plan, calib="none", kv_init=init)
 
@@ -170,6 +171,8 @@ def main() -> None:
     print("| --- | --- |" + " --- |" * (2 * len(cols) + 3))
     labels = {
         "down": "condensed, adjacent runs (down)",
+        "down-keep": "the same, sources keep their own K/V",
+        "down-q": "the same, readers' queries trained too",
         "profile": "condensed, profile's runs (down)",
         "lckv": "condensed, LCKV top + warm-up (up)",
         "mla": "MLA (kvx default)",

@@ -13,7 +13,7 @@ from kvx.recipe import builtin_recipes, load_recipe, run_recipe
 
 def test_builtin_recipes_are_valid():
     names = set(builtin_recipes())
-    assert {"smollm2-mla-4x", "smollm2-hybrid", "llama-3.2-1b-mla"} <= names
+    assert {"smollm2-mla-4x", "smollm2-hybrid", "smollm2-condensed-2x", "llama-3.2-1b-mla"} <= names
     for name in names:
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.description

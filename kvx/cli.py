@@ -327,6 +327,37 @@ def eval_(
                     f"{r['kv_bytes_per_token_spec']:.0f}",
                 )
         Console().print(long_table)
+    _print_judgement(
+        {"baseline": result["baseline"], "model": result["model"]}
+        if "baseline" in result
+        else {"model": result["model"]}
+    )
+
+
+def _print_judgement(rows: dict) -> None:
+    """Downstream tasks and generation agreement of evaluated rows (first row = reference)."""
+    from .eval.report import agreement_table, task_table
+
+    header, lines = task_table(rows)
+    if header:
+        table = Table(title="downstream tasks, zero-shot (lm-eval); ± standard error")
+        for col in header:
+            table.add_column(col)
+        for line in lines:
+            table.add_row(*line)
+        Console().print(table)
+    header, lines, samples = agreement_table(rows)
+    if header:
+        table = Table(title="greedy generation against the first row")
+        for col in header:
+            table.add_column(col)
+        for line in lines:
+            table.add_row(*line)
+        Console().print(table)
+        for s in samples:
+            Console().print(f"[bold]prompt[/bold] …{s['prompt'][-80:]!r}", highlight=False)
+            Console().print(f"  [bold]{list(rows)[0]}[/bold] {s['baseline']!r}", highlight=False)
+            Console().print(f"  [bold]{s['label']}[/bold] {s['model']!r}", highlight=False)
 
 
 @app.command()
@@ -389,6 +420,7 @@ def run(
                 f"{long_base / r['kv_bytes_per_token']:.2f}x",
             )
     Console().print(table)
+    _print_judgement(rows)
 
 
 @app.command()

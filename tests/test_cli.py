@@ -99,7 +99,7 @@ def test_convert_then_eval_json(tiny_dir, tmp_path):
     proc = kvx("eval", str(out), "--baseline", str(src), "--max-tokens", "512", "--seq-len", "128", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert set(result) == {"model", "baseline", "kv_ratio", "ppl_ratio"}
+    assert set(result) == {"model", "baseline", "kv_ratio", "ppl_ratio", "agreement"}
     for row in (result["model"], result["baseline"]):
         assert row["kv_bytes_per_token"] == row["kv_bytes_per_token_spec"]
         assert row["ppl"] > 1

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from ..data import token_windows
 from ..measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
 from ..measure.perplexity import perplexity
+from .agreement import agreement, continuations
+from .downstream import compare_tasks
 from .long import long_context
 
 
@@ -39,6 +41,8 @@ def compare(model_row: dict, baseline_row: dict | None) -> dict:
         out["baseline"] = baseline_row
         out["kv_ratio"] = baseline_row["kv_bytes_per_token"] / model_row["kv_bytes_per_token"]
         out["ppl_ratio"] = model_row["ppl"] / baseline_row["ppl"]
+        if model_row.get("generations") and baseline_row.get("generations"):
+            out["agreement"] = agreement(model_row["generations"], baseline_row["generations"])
         if model_row.get("long"):
             out["long_context"] = {
                 ctx: {
@@ -47,11 +51,15 @@ def compare(model_row: dict, baseline_row: dict | None) -> dict:
                 }
                 for ctx, row in model_row["long"].items()
             }
+    if "tasks" in model_row:
+        out["tasks"] = compare_tasks(model_row["tasks"], baseline_row["tasks"] if baseline_row else None)
     return out
 
 
 __all__ = [
+    "agreement",
     "compare",
+    "continuations",
     "evaluate",
     "evaluate_model",
     "long_context",

@@ -1,10 +1,11 @@
-"""``kvx eval``'s config: which text, how many tokens, which long contexts."""
+"""``kvx eval``'s config: which text, how many tokens, which long contexts, which downstream tasks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..config import int_list, opt
+from .downstream import parse_tasks
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,15 @@ class EvalConfig:
     )
     long_tail: int = opt(1024, "Tokens at the end of each long prefix whose loss is measured.")
     long_docs: int = opt(4, "Long documents per context.")
+    tasks: list[str] | None = opt(
+        None,
+        "Downstream tasks, zero-shot, through lm-eval (pip install 'kvx[eval]'): 'default' (arc_easy, "
+        "arc_challenge, hellaswag, piqa, winogrande, boolq, openbookqa; offline data), mmlu, sciq, a task YAML "
+        "file, or an lm-eval task name.",
+        parse=parse_tasks,
+        text="TASKS",
+    )
+    limit: int | None = opt(None, "Examples per task: the first N, the same ones for every model (all when unset).")
+    task_batch: int = opt(8, "Requests per forward in the downstream tasks.")
+    prompts: int = opt(8, "Prompts continued greedily, compared with the baseline's continuations (0: none).")
+    new_tokens: int = opt(32, "Tokens generated per prompt for the generation agreement.")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..errors import KvxError
 from ..loading import load_model
 from ..progress import Progress, no_progress
-from . import compare, evaluate_model, long_context
+from . import compare, continuations, evaluate_model, long_context
 from .config import EvalConfig
+from .downstream import check, score
 
 
 def evaluate(
@@ -17,12 +18,15 @@ def evaluate(
     progress: Progress = no_progress,
     **options,
 ) -> dict:
-    """``kvx eval``: the JSON object with model/baseline rows and kv_ratio/ppl_ratio
-    (plus, for each ``long`` context, tail perplexity and cache bytes of long documents)."""
+    """``kvx eval``: the JSON object with model/baseline rows and kv_ratio/ppl_ratio (plus, for
+    each ``long`` context, tail perplexity and cache bytes of long documents; each task's scores
+    and the share of the baseline's kept; the agreement of greedy continuations)."""
     cfg = cfg or EvalConfig(**options)
     for ctx in cfg.long or []:
         if not 0 < cfg.long_tail < ctx:
             raise KvxError(f"--long-tail {cfg.long_tail} must be below every --long context ({ctx})")
+    if cfg.tasks:
+        check(cfg.tasks)
     rows = []
     for ref in (model, baseline):
         if ref is None:
@@ -32,6 +36,10 @@ def evaluate(
         advance = progress(f"evaluating {ref}", cfg.max_tokens // cfg.seq_len * cfg.seq_len)
         row = evaluate_model(m, tok, cfg.data, cfg.max_tokens, cfg.seq_len, on_batch=advance)
         row["name"] = ref
+        if cfg.prompts:
+            row["generations"] = continuations(m, tok, cfg.data, cfg.prompts, cfg.new_tokens)
+        if cfg.tasks:
+            row["tasks"] = score(m, tok, cfg.tasks, cfg.limit, cfg.task_batch)
         if cfg.long:
             limit = getattr(m.config, "max_position_embeddings", None)
             if limit and max(cfg.long) > limit:

@@ -27,9 +27,13 @@ import torch
 SETTINGS = {2: (144, 48), 4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims), as in mla_quality.py
 
 
-def bare_throughput(student_dir: Path, seq_len: int, batch_size: int, steps: int = 6) -> float:
+def bare_throughput(
+    student_dir: Path, seq_len: int, batch_size: int, mixed_precision: str = "no", steps: int = 6
+) -> float:
     """Tokens/s of a plain loop on the same batches: teacher forward + student forward/backward + AdamW step,
-    no accelerate, no logging: the reference `kvx distill`'s own tokens/s is compared with (BENCH.md)."""
+    no accelerate, no logging: the reference `kvx distill`'s own tokens/s is compared with (BENCH.md).
+    On the GPU when there is one (accelerate's choice too), under autocast for bf16/fp16."""
+    import contextlib
     import time
 
     from kvx.arch import get_adapter
@@ -39,20 +43,28 @@ def bare_throughput(student_dir: Path, seq_len: int, batch_size: int, steps: int
     from kvx.loading import load_model
     from kvx.plan import Plan
 
-    student, tokenizer, _ = load_model(str(student_dir))
-    teacher, _, _ = load_model("smollm2-135m")
+    device = "cuda" if torch.cuda.is_available() else None
+    student, tokenizer, _ = load_model(str(student_dir), device=device)
+    teacher, _, _ = load_model("smollm2-135m", device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    autocast = torch.autocast(student.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     student.train()
     trainable = select_trainable(student, "converted", Plan.from_config(student.config), get_adapter(student.config))
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     batches = token_windows(tokenizer, "bundled", "calib", steps * batch_size * seq_len, seq_len).split(batch_size)
     times = []
     for ids in batches:
+        ids = ids.to(student.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             t_logits = teacher(ids).logits
-        kl_loss(student(ids).logits, t_logits.clone()).backward()
+        with autocast:
+            loss = kl_loss(student(ids).logits, t_logits.clone())
+        loss.backward()
         opt.step()
         opt.zero_grad()
+        if device:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times = sorted(times[1:])  # first step warms up
     return batch_size * seq_len / times[len(times) // 2]
@@ -123,7 +135,7 @@ def main() -> None:
         summary = json.loads((healed / "distill_summary.json").read_text())
         metrics = [json.loads(line) for line in (healed / "metrics.jsonl").read_text().splitlines()]
         by_tokens = {m["tokens"]: m for m in metrics if "eval_ppl" in m}
-        bare = bare_throughput(mla, a.seq_len, a.batch_size)
+        bare = bare_throughput(mla, a.seq_len, a.batch_size, a.mixed_precision)
         rows.append((ratio, rank, rope, summary, [by_tokens.get(b) for b in budgets], bare))
         print(f"done: {ratio}x", file=sys.stderr, flush=True)
 

@@ -2,20 +2,21 @@
 peak memory of ``generate()``, at each context and batch size, and the largest batch whose cache
 fits a memory budget.
 
-Models: the original; MLA 4x (the README's first command; absorbed decoding); streaming on every
+Models: the original; MLA 4x (the README's first command; absorbed decoding; ``mla-expanded``: the
+same checkpoint decoding by decompressing K/V from the latent each step); streaming on every
 layer (4 sinks + a 1020-token window); a hybrid (even layers streaming with a 252-token window,
 odd layers MLA 4x); condensed 2x (each pair of layers reads its first's K/V). Quality is not
 measured here (the speed-only conversions calibrate on 2k tokens); see the other benchmarks.
 
 Timing comes from inside one ``generate()`` call: a logits processor stamps the clock at each
 step, so the prefill is the time to the first step and decode the rate over the steps after
-it (CUDA: synchronised), after one warm-up run that is not counted. Median of ``--runs`` runs, the models interleaved
-within each run. Memory: CUDA, the peak allocated during the call above what was allocated
+it (CUDA: synchronised), after one warm-up run that is not counted. Median of ``--runs``
+runs, the models interleaved within each run. Memory: CUDA, the peak allocated during the call above what was allocated
 before it; CPU, the peak resident set above the one before the call, sampled every 2 ms. The
 cache bytes are measured from the cache object after the call and checked against the plan.
 
     python benchmarks/decode.py [--contexts 1024,4096,8192] [--batches 1,4,16] [--new-tokens 32]
-        [--runs 3] [--models original,mla,streaming,hybrid,condensed] [--budget-gib 16]
+        [--runs 3] [--models original,mla,mla-expanded,streaming,hybrid,condensed] [--budget-gib 16]
         [--device cuda --dtype bfloat16] [--out runs/bench-decode]
 """
 
@@ -57,9 +58,10 @@ def _checkpoints(names: list[str], out: Path) -> dict[str, str]:
         if name == "original":
             paths[name] = MODEL
             continue
-        path = out / name
+        base = name.removesuffix("-expanded")  # the same checkpoint, decoding another way
+        path = out / base
         if not (path / "config.json").exists():
-            convert(MODEL, path, plan=_plans()[name], overwrite=True, **SPEED_CALIB)
+            convert(MODEL, path, plan=_plans()[base], overwrite=True, **SPEED_CALIB)
         paths[name] = str(path)
     return paths
 
@@ -150,7 +152,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--models", default="original,mla,streaming,hybrid,condensed")
+    ap.add_argument("--models", default="original,mla,mla-expanded,streaming,hybrid,condensed")
     ap.add_argument("--budget-gib", type=float, default=16.0, help="memory budget for the cache (serving table)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -166,6 +168,10 @@ def main() -> None:
     models, tokenizer = {}, None
     for name, path in _checkpoints(names, out).items():
         models[name], tokenizer, _ = load_model(path, dtype=dtype, device=args.device)
+        if name.endswith("-expanded"):
+            for m in models[name].modules():
+                if hasattr(m, "absorb"):
+                    m.absorb = "never"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}"
     machine = f"{where}, {os.cpu_count()} CPUs, {args.dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     print(f"# {machine}", flush=True)

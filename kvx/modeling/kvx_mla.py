@@ -259,27 +259,40 @@ class MLAAttention(nn.Module):
         return self._sdpa(q, k, v, attention_mask, q_len)
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, attention_mask, q_len):
-        """Attention directly on the latent: W_uk folded into the query, W_uv applied after."""
-        c, scale = self._split_latent(latent)
-        bsz = c.shape[0]
-        w = self.kv_b_proj.weight
-        b = self.kv_b_proj.bias
-        n_k = self.n_kv * self.nope
-        w_uk = w[:n_k].view(self.n_kv, self.nope, self.kv_rank)
-        w_uv = w[n_k:].view(self.n_kv, self.head_dim, self.kv_rank)
-        group = self.n_heads // self.n_kv
-        keys = c[:, None]  # [B, 1, S, r]
-        if b is not None:  # a bias is one more latent dimension that is always 1
-            w_uk = torch.cat([w_uk, b[:n_k].view(self.n_kv, self.nope, 1)], dim=-1)
-            keys = torch.cat([keys, keys.new_ones(*keys.shape[:-1], 1)], dim=-1)
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.repeat_interleave(group, dim=0))
-        keys = keys.expand(bsz, k_rope.shape[1], -1, -1)  # shared RoPE key: one key head for all
-        if scale is not None:
-            keys = keys * scale
-        k = torch.cat([keys, k_rope], dim=-1)
-        q = torch.cat([q_lat, q_rope], dim=-1)
-        ctx = self._sdpa(q, k, c[:, None], attention_mask, q_len)  # [B, H, T, r]
-        out = torch.einsum("bhtr,hdr->bhtd", ctx, w_uv.repeat_interleave(group, dim=0))
+        """Attention directly on the latent: W_uk folded into the query, W_uv applied after.
+
+        Scores are two batched matmuls against the cache as it lies (the latent shared by all
+        heads, the RoPE keys per key head), never a per-head copy of it: building
+        ``[B, heads, S, r + rope]`` keys each step read and wrote ``heads x`` the cache and made
+        absorbed decoding slower than the original model's."""
+        c, scale = self._split_latent(latent)  # [B, S, r], [B, n_kv, S, 1] | None
+        bsz, s_len, _ = c.shape
+        n_heads, group, n_k = self.n_heads, self.n_heads // self.n_kv, self.n_kv * self.nope
+        w, b = self.kv_b_proj.weight, self.kv_b_proj.bias
+        w_uk = w[:n_k].view(self.n_kv, self.nope, self.kv_rank).repeat_interleave(group, dim=0)
+        w_uv = w[n_k:].view(self.n_kv, self.head_dim, self.kv_rank).repeat_interleave(group, dim=0)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        scores = (q_lat.reshape(bsz, n_heads * q_len, -1) @ c.transpose(1, 2)).view(bsz, n_heads, q_len, s_len)
+        if b is not None:  # the key bias: one more latent dimension that is always 1
+            b_k = b[:n_k].view(self.n_kv, self.nope).repeat_interleave(group, dim=0)
+            scores = scores + torch.einsum("bhtd,hd->bht", q_nope, b_k)[..., None]
+        if scale is not None:  # per-key-head 1/rms of the original keys
+            scores = (scores.view(bsz, self.n_kv, -1, s_len) * scale.transpose(-1, -2)).view_as(scores)
+        if k_rope.shape[-1]:
+            kr = k_rope.shape[1]  # key heads of the RoPE part: n_kv (kvx layout) or 1 (shared)
+            rope = q_rope.reshape(bsz, kr, -1, q_rope.shape[-1]) @ k_rope.transpose(-1, -2)
+            scores = scores + rope.view_as(scores)
+        scores = scores * self.scaling
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:
+            mask = mask[:, :, :, :s_len]
+        elif mask is None and q_len > 1:
+            mask = torch.ones(q_len, s_len, dtype=torch.bool, device=c.device).tril(s_len - q_len)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.float().softmax(-1).to(c.dtype)
+        ctx = (probs.view(bsz, n_heads * q_len, s_len) @ c).view(bsz, n_heads, q_len, -1)  # [B, H, T, r]
+        out = torch.einsum("bhtr,hdr->bhtd", ctx, w_uv)
         if b is not None:
             out = out + b[n_k:].view(self.n_kv, 1, self.head_dim).repeat_interleave(group, dim=0)
         return out

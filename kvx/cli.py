@@ -334,26 +334,25 @@ def eval_(
     )
 
 
+def _print_table(title: str, header: list[str], lines: list[list[str]]) -> None:
+    table = Table(title=title)
+    for col in header:
+        table.add_column(col)
+    for line in lines:
+        table.add_row(*line)
+    Console().print(table)
+
+
 def _print_judgement(rows: dict) -> None:
     """Downstream tasks and generation agreement of evaluated rows (first row = reference)."""
     from .eval.report import agreement_table, task_table
 
     header, lines = task_table(rows)
     if header:
-        table = Table(title="downstream tasks, zero-shot (lm-eval); ± standard error")
-        for col in header:
-            table.add_column(col)
-        for line in lines:
-            table.add_row(*line)
-        Console().print(table)
+        _print_table("downstream tasks, zero-shot (lm-eval); ± standard error", header, lines)
     header, lines, samples = agreement_table(rows)
     if header:
-        table = Table(title="greedy generation against the first row")
-        for col in header:
-            table.add_column(col)
-        for line in lines:
-            table.add_row(*line)
-        Console().print(table)
+        _print_table("greedy generation against the first row", header, lines)
         for s in samples:
             Console().print(f"[bold]prompt[/bold] …{s['prompt'][-80:]!r}", highlight=False)
             Console().print(f"  [bold]{list(rows)[0]}[/bold] {s['baseline']!r}", highlight=False)

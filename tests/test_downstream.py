@@ -173,3 +173,19 @@ def test_offline_tasks_resolve_to_packaged_data():
                 gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
                 choices = task.doc_to_choice(doc)
                 assert isinstance(gold, int) and 0 <= gold < len(choices) > 1, (name, gold, choices)
+
+
+def test_model_card_carries_tasks_and_agreement(lossless, task_file):
+    """A kvx run folder's eval.json rows (original first) become the card's tables."""
+    from pathlib import Path
+
+    from kvx.hub import hub_card
+
+    src, out = lossless
+    opts = dict(tasks=[str(task_file)], prompts=2, new_tokens=6, max_tokens=256, seq_len=128)
+    rows = {"original": evaluate(src, None, **opts)["model"], "converted": evaluate(out, None, **opts)["model"]}
+    (Path(out).parent / "eval.json").write_text(json.dumps({"data": "bundled", "rows": rows}))
+    card = hub_card(Path(out))
+    acc = rows["original"]["tasks"]["tiny_mc"]["acc_norm"]
+    assert f"| tiny_mc | acc_norm | {len(DOCS)} | {acc:.3f}" in card
+    assert "| converted | 2 | 6 | 100.0% | 100.0% | 6.0 |" in card

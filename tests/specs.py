@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvx.plan import CondensedSpec, FullSpec, MLASpec, StreamingSpec
+from kvx.plan import CondensedSpec, EvictSpec, FullSpec, MLASpec, StreamingSpec
 
 
 @dataclass(frozen=True)
@@ -36,4 +36,9 @@ EXAMPLES: list[Example] = [
     Example("condensed-down", lambda a: CondensedSpec(0), refused_by=("gemma3",)),  # cross-layer attention
     Example("condensed-top", lambda a: CondensedSpec(a.n_layers - 1, passes=40), refused_by=("gemma3",)),  # LCKV
     Example("condensed-both", lambda a: CondensedSpec(1, passes=40), refused_by=("gemma3",)),
+    # evict: a budget above the test's 40 tokens is exact; the eviction itself is tests/test_evict.py's
+    *(
+        Example(f"evict-{p}", lambda a, p=p: EvictSpec(48, 4, 8, 4, p), refused_by=("gemma3",))
+        for p in ("recent", "h2o", "snapkv", "previous")
+    ),
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import KvxError
 from .base import LayerInput, LayerOutput, Method, Option
 from .condensed import CondensedMethod
+from .evict import EvictMethod
 from .full import FullMethod
 from .mla import MLAMethod
 from .streaming import StreamingMethod
@@ -21,6 +22,7 @@ METHODS: dict[str, Method] = {
     "mla": MLAMethod(),
     "streaming": StreamingMethod(),
     "condensed": CondensedMethod(),
+    "evict": EvictMethod(),
 }
 
 

@@ -114,12 +114,45 @@ class CondensedSpec:
         return n_tokens
 
 
-LayerSpec = FullSpec | MLASpec | StreamingSpec | CondensedSpec
+POLICIES = ("recent", "h2o", "snapkv", "previous")  # how an evicting layer scores its blocks
+
+
+@dataclass(frozen=True)
+class EvictSpec:
+    """Critical-token KV eviction at a fixed budget (AttentionPredictor, Yang et al. 2025; H2O,
+    Zhang et al. 2023; SnapKV, Li et al. 2024; StreamingLLM, Xiao et al. 2023, as policies).
+
+    The layer's cache holds at most ``budget`` tokens: the first ``sink``, the last ``local`` and
+    whole blocks of ``block`` tokens in between, chosen by ``policy``: ``recent`` (the newest
+    blocks: StreamingLLM), ``h2o`` (attention received so far, summed), ``snapkv`` (attention of
+    the prompt's last ``observe`` queries; blocks written while decoding leave oldest first) or
+    ``previous`` (the last step's attention: AttentionPredictor's untrained baseline). Once full,
+    each new block takes the slots of the block its policy scores lowest, so the cache is
+    exactly ``budget`` tokens from then on (slots of the block being written count as held)."""
+
+    budget: int = 1024
+    sink: int = 64
+    local: int = 64
+    block: int = 16
+    policy: str = "h2o"
+    observe: int = 32
+    kind: ClassVar[str] = "evict"
+    always_shown: ClassVar[tuple[str, ...]] = ("budget", "policy")
+
+    def cached_floats(self, geom: CacheGeometry, layer: int | None = None) -> int:
+        return 2 * geom.n_kv_heads * geom.head_dim
+
+    def cached_tokens(self, n_tokens: int) -> int:
+        return min(n_tokens, self.budget)
+
+
+LayerSpec = FullSpec | MLASpec | StreamingSpec | CondensedSpec | EvictSpec
 SPEC_TYPES: dict[str, type] = {
     "full": FullSpec,
     "mla": MLASpec,
     "streaming": StreamingSpec,
     "condensed": CondensedSpec,
+    "evict": EvictSpec,
 }
 RUNTIME_ONLY_KEYS = ("absorb",)  # switches of the runtime, not part of a spec
 

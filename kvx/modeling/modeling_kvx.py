@@ -40,6 +40,7 @@ from .kvx_common import (  # noqa: F401  (re-exported: the library and tests rea
     pop_cache,
 )
 from .kvx_condensed import CondensedRuntime
+from .kvx_evict import EvictRuntime
 from .kvx_mla import MLARuntime
 from .kvx_specs import spec_from_dict
 from .kvx_streaming import StreamingRuntime
@@ -50,6 +51,7 @@ RUNTIMES: dict[str, LayerRuntime] = {
     "mla": MLARuntime(),
     "streaming": StreamingRuntime(),
     "condensed": CondensedRuntime(),
+    "evict": EvictRuntime(),
 }
 
 

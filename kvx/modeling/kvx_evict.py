@@ -1,0 +1,245 @@
+"""Critical-token KV eviction at a fixed budget: the ``evict`` runtime.
+
+The cache really holds only the budget: ``sink`` slots for the first tokens, then whole-block
+slots. Until it is full it grows like any cache; from then on every new block of ``block``
+tokens is written into the slots of the block its policy scores lowest (never the sinks, never
+a block that overlaps the last ``local`` tokens), so K/V, and the attention over them, stay at
+``budget`` tokens however long the sequence gets. Each KV head of each sequence chooses its
+own blocks. Nothing is masked to pretend: what is evicted is gone.
+
+Shipped inside every checkpoint; imports only torch, transformers and its sibling files.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from .kvx_common import LayerRuntime, pop_cache, project_qkv, tensor_bytes
+from .kvx_specs import EvictSpec
+
+_KEEP_DECODED = 1e9  # snapkv: blocks written while decoding outrank every prompt block
+
+
+class EvictCacheLayer(DynamicLayer):
+    """K/V of at most ``budget`` tokens in slots; ``pos`` (absolute position, -1: empty slot),
+    ``score`` (the policy's per-slot score), ``blk`` (the block each block-slot holds, -1: none),
+    ``cur`` (the block-slot being written), all per sequence and KV head. The mask sizes it
+    reports are those of a full layer; ``EvictAttention`` masks by ``pos`` itself."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, spec: EvictSpec):
+        super().__init__()
+        self.spec = spec
+        self.slots = (spec.budget - spec.sink) // spec.block  # block-slots after the sinks
+        self.cumulative_length = 0
+        self.prompt_blocks = 0
+        self.pos = self.score = self.blk = self.cur = None
+
+    # -- bookkeeping
+
+    def _block_of(self, p: int) -> int:
+        return (p - self.spec.sink) // self.spec.block
+
+    def _protected(self, blk: torch.Tensor, n: int) -> torch.Tensor:
+        """Blocks that overlap the last ``local`` of ``n`` tokens (and the one being written)."""
+        s = self.spec
+        return (blk >= 0) & (s.sink + blk * s.block + s.block - 1 >= n - s.local)
+
+    def _block_keys(self) -> torch.Tensor:
+        """Each block-slot's keep score ``[B, H, slots]`` (higher: kept longer)."""
+        s = self.spec
+        if s.policy == "recent":
+            return self.blk.float()
+        per_slot = self.score[:, :, s.sink :].reshape(*self.score.shape[:2], self.slots, s.block)
+        keys = per_slot.sum(-1)
+        if s.policy == "snapkv":
+            keys = torch.where(self.blk >= self.prompt_blocks, _KEEP_DECODED + self.blk.float(), keys)
+        return keys
+
+    # -- filling
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor) -> None:
+        """The prompt's K/V into an empty layer: all of it within the budget, else the sinks, the
+        protected recent blocks and the best-scored others (``score``: per token ``[B, H, T]``)."""
+        s, (b, h, t, _) = self.spec, k.shape
+        self.lazy_initialization(k, v)
+        n_blocks = max(0, -(-(t - s.sink) // s.block))
+        self.prompt_blocks = n_blocks
+        ar = torch.arange(self.slots, device=k.device)
+        if t <= s.budget:
+            self.keys, self.values, self.score = k, v, score
+            self.pos = torch.arange(t, device=k.device).expand(b, h, t).clone()
+            self.blk = torch.where(ar < n_blocks, ar, -1).expand(b, h, -1).clone()
+            self.cur = torch.full((b, h), n_blocks - 1, device=k.device)
+        else:
+            padded = torch.zeros(b, h, n_blocks * s.block + s.sink, device=k.device)
+            padded[..., :t] = score
+            block_score = padded[..., s.sink :].reshape(b, h, n_blocks, s.block).sum(-1)
+            ids = torch.arange(n_blocks, device=k.device).expand(b, h, -1)
+            if s.policy == "recent":
+                block_score = ids.float()
+            block_score = block_score.masked_fill(self._protected(ids, t), float("inf"))
+            chosen = block_score.topk(self.slots, dim=-1).indices.sort(dim=-1).values  # [B, H, slots]
+            pos = (s.sink + chosen[..., None] * s.block + torch.arange(s.block, device=k.device)).flatten(2)
+            pos = torch.cat([torch.arange(s.sink, device=k.device).expand(b, h, -1), pos], dim=-1)
+            valid = pos < t
+            idx = pos.clamp(max=t - 1)
+            gather = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
+            self.keys, self.values = gather(k), gather(v)
+            self.score = torch.where(valid, score.gather(2, idx), 0.0)
+            self.pos = torch.where(valid, pos, -1)
+            self.blk = chosen
+            self.cur = torch.full((b, h), self.slots - 1, device=k.device)  # the newest block sorts last
+        self.cumulative_length = t
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One token's K/V ``[B, H, 1, D]``: into a new slot while there is room, else into the
+        slots of its block (a new block first evicts the lowest-scored unprotected one)."""
+        s, p = self.spec, self.cumulative_length
+        b, h = k.shape[:2]
+        if not self.is_initialized:
+            self.prefill(k, v, torch.zeros(b, h, 1, device=k.device))
+            return
+        self.cumulative_length = p + 1
+        if self.keys.shape[-2] < s.budget:
+            self.keys = torch.cat([self.keys, k], dim=-2)
+            self.values = torch.cat([self.values, v], dim=-2)
+            self.pos = torch.cat([self.pos, self.pos.new_full((b, h, 1), p)], dim=-1)
+            self.score = torch.cat([self.score, self.score.new_zeros(b, h, 1)], dim=-1)
+            if p >= s.sink:
+                self.cur = self.cur.new_full((b, h), self._block_of(p))
+                self.blk[..., self._block_of(p)] = self._block_of(p)
+            return
+        offset = (p - s.sink) % s.block
+        if offset == 0:  # a new block: it takes the slots of the lowest-scored block
+            keys = self._block_keys().masked_fill(self._protected(self.blk, p + 1), float("inf"))
+            self.cur = keys.argmin(dim=-1)
+            self.blk.scatter_(-1, self.cur[..., None], self._block_of(p))
+            first = s.sink + self.cur[..., None] * s.block + torch.arange(s.block, device=k.device)
+            self.pos.scatter_(-1, first, -1)
+            self.score.scatter_(-1, first, 0.0)
+        slot = (s.sink + self.cur * s.block + offset)[..., None]  # [B, H, 1]
+        self.pos.scatter_(-1, slot, p)
+        idx = slot[..., None].expand(-1, -1, -1, k.shape[-1])
+        self.keys.scatter_(2, idx, k)
+        self.values.scatter_(2, idx, v)
+
+    def observe(self, probs: torch.Tensor) -> None:
+        """One decode step's attention ``[B, H_kv, group, slots]`` into the policy's scores."""
+        if self.spec.policy == "h2o":
+            self.score += probs.sum(2)
+        elif self.spec.policy == "previous":
+            self.score = probs.amax(2)
+
+    # -- what transformers asks of a cache layer
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def nbytes(self) -> int:
+        """K/V of the held slots (positions and scores are bookkeeping, not KV: not counted)."""
+        return tensor_bytes(self.keys, self.values)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+        self.pos = self.score = self.blk = self.cur = None
+
+
+def _prompt_attention(q, k, v, scaling: float, spec: EvictSpec | None, chunk: int = 256):
+    """Causal attention over a whole prompt ``q [B, H, T, D]``, ``k, v [B, H_kv, T, D]``, a chunk
+    of queries at a time; with ``spec``, also the per-token score its policy keeps blocks by."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, t, d).float()
+    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+    score = q.new_zeros(b, hkv, t, dtype=torch.float32)
+    outs = []
+    for c0 in range(0, t, chunk):
+        end = min(t, c0 + chunk)
+        rows = torch.arange(c0, end, device=q.device)[:, None]
+        s = (qg[:, :, :, c0:end] @ kf[..., :end, :].transpose(-1, -2)) * scaling
+        p = s.masked_fill(torch.arange(end, device=q.device)[None] > rows, float("-inf")).softmax(-1)
+        outs.append(p @ vf[..., :end, :])
+        if spec is None:
+            continue
+        if spec.policy == "h2o":
+            score[..., :end] += p.sum((2, 3))
+        elif spec.policy == "snapkv":
+            score[..., :end] += p[:, :, :, rows[:, 0] >= t - spec.observe].sum((2, 3))
+        elif spec.policy == "previous" and end == t:
+            score = p[:, :, :, -1].amax(2)
+    out = torch.cat(outs, dim=3).reshape(b, h, t, d).to(q.dtype)
+    return out, score
+
+
+class EvictAttention(nn.Module):
+    """The base layer's projections; attention over what its ``EvictCacheLayer`` holds.
+
+    A prompt into an empty cache is attended in full (its outputs are exact), then cut to the
+    budget. Any later tokens, one or many per call, are attended one at a time against the
+    held slots, each written before it attends: what token-by-token decoding computes, so a
+    long text scored in one call sees the same evictions as generation would."""
+
+    def __init__(self, base: nn.Module, spec: EvictSpec, config):
+        super().__init__()
+        self.layer_idx = base.layer_idx
+        self.scaling = float(base.scaling)
+        self.head_dim = int(base.head_dim)
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.q_norm = getattr(base, "q_norm", None)
+        self.k_norm = getattr(base, "k_norm", None)
+        self.spec = spec
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        cache = pop_cache(kwargs, past_key_values)
+        bsz, t, _ = hidden_states.shape
+        q, k, v = project_qkv(
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.q_norm,
+            self.k_norm,
+            hidden_states,
+            *position_embeddings,
+            self.n_heads,
+            self.n_kv,
+            self.head_dim,
+        )
+        layer = cache.layers[self.layer_idx] if cache is not None else None
+        if layer is None or not layer.is_initialized:
+            out, score = _prompt_attention(q, k, v, self.scaling, self.spec if layer is not None else None)
+            if layer is not None:
+                layer.prefill(k, v, score)
+        else:
+            out = torch.cat(
+                [self._step(layer, q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1]) for i in range(t)], dim=2
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1)), None
+
+    def _step(self, layer: EvictCacheLayer, q, k, v) -> torch.Tensor:
+        layer.append(k, v)
+        b, h, _, d = q.shape
+        qg = q.reshape(b, self.n_kv, h // self.n_kv, d).float()
+        scores = (qg @ layer.keys.float().transpose(-1, -2)) * self.scaling  # [B, H_kv, group, slots]
+        probs = scores.masked_fill((layer.pos < 0)[:, :, None], float("-inf")).softmax(-1)
+        layer.observe(probs)
+        return (probs @ layer.values.float()).reshape(b, h, 1, d).to(q.dtype)
+
+
+class EvictRuntime(LayerRuntime):
+    kind = "evict"
+
+    def attention(self, base, spec, config, meta):
+        return EvictAttention(base, spec, config)
+
+    def cache_layer(self, spec, config, sliding, layer=None):
+        return EvictCacheLayer(spec)

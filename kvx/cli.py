@@ -202,7 +202,7 @@ def convert(
     model: ModelArg = DEFAULT_MODEL, out: OutOpt = "", overwrite: OverwriteOpt = False, cfg: ConvertConfig = None
 ):
     """Convert MODEL's attention layers to a smaller cache: --to mla (latent attention), streaming (sinks + window),
-    condensed (layers that read another layer's K/V),
+    condensed (layers that read another layer's K/V), evict (a fixed token budget, blocks kept by a policy),
     a spec like 'mla(kv_rank=60, rope_dims=36)', or --plan FILE."""
     from .convert.run import convert as run
 

@@ -25,7 +25,7 @@ class ConvertConfig:
     to: str = opt(
         DEFAULT_TARGET,
         "Target spec for the chosen layers: a kind (mla, streaming) or a spec like 'mla(kv_rank=60, rope_dims=36)' "
-        "or 'condensed(source=29)'.",
+        "or 'condensed(source=29)' or 'evict(budget=1024, policy=h2o)'.",
     )
     layers: str | None = opt(
         None,

@@ -235,6 +235,25 @@ class EvictAttention(nn.Module):
         return (probs @ layer.values.float()).reshape(b, h, 1, d).to(q.dtype)
 
 
+class BlockPredictor(nn.Module):
+    """AttentionPredictor's model (~19 KB in float32): the last steps' attention, max-pooled into
+    blocks, ``[N, steps, blocks]`` -> the next step's block logits ``[N, blocks]``. Two 3x3
+    convolutions over (time, block), a mean over time, a 1x1 convolution; one per model, shared
+    by all layers and heads. Each history row is scaled by its maximum first, so heads and
+    layers with sharper or flatter attention read alike."""
+
+    def __init__(self, channels: tuple[int, int] = (16, 32)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels[0], 3, padding=1)
+        self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
+        self.head = nn.Conv1d(channels[1], 1, 1)
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        x = history / history.amax(-1, keepdim=True).clamp_min(1e-9)
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x[:, None]))))
+        return self.head(x.mean(2))[:, 0]
+
+
 class EvictRuntime(LayerRuntime):
     kind = "evict"
 

@@ -118,3 +118,34 @@ def project_qkv(q_proj, k_proj, v_proj, q_norm, k_norm, x, cos, sin, n_heads, n_
     if k_norm is not None:
         k = k_norm(k)
     return rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin), v
+
+
+class BaseProjections(nn.Module):
+    """An attention module that keeps the base layer's own q/k/v/o projections and q/k norms
+    (under the base names, so checkpoints store them as the base model does) and changes only
+    what is cached and attended."""
+
+    def __init__(self, base: nn.Module, config):
+        super().__init__()
+        self.layer_idx = base.layer_idx
+        self.scaling = float(base.scaling)
+        self.head_dim = int(base.head_dim)
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.q_norm = getattr(base, "q_norm", None)
+        self.k_norm = getattr(base, "k_norm", None)
+
+    def qkv(self, hidden_states, position_embeddings):
+        """q, k (normed, rotated) and v as ``[B, heads, T, head_dim]``."""
+        return project_qkv(
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.q_norm,
+            self.k_norm,
+            hidden_states,
+            *position_embeddings,
+            self.n_heads,
+            self.n_kv,
+            self.head_dim,
+        )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .kvx_common import LayerRuntime, pop_cache, project_qkv, tensor_bytes
+from .kvx_common import BaseProjections, LayerRuntime, pop_cache, tensor_bytes
 from .kvx_specs import EvictSpec
 
 _KEEP_DECODED = 1e9  # snapkv: blocks written while decoding outrank every prompt block
@@ -180,7 +180,7 @@ def _prompt_attention(q, k, v, scaling: float, spec: EvictSpec | None, chunk: in
     return out, score
 
 
-class EvictAttention(nn.Module):
+class EvictAttention(BaseProjections):
     """The base layer's projections; attention over what its ``EvictCacheLayer`` holds.
 
     A prompt into an empty cache is attended in full (its outputs are exact), then cut to the
@@ -189,31 +189,13 @@ class EvictAttention(nn.Module):
     long text scored in one call sees the same evictions as generation would."""
 
     def __init__(self, base: nn.Module, spec: EvictSpec, config):
-        super().__init__()
-        self.layer_idx = base.layer_idx
-        self.scaling = float(base.scaling)
-        self.head_dim = int(base.head_dim)
-        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.q_norm = getattr(base, "q_norm", None)
-        self.k_norm = getattr(base, "k_norm", None)
+        super().__init__(base, config)
         self.spec = spec
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cache = pop_cache(kwargs, past_key_values)
         bsz, t, _ = hidden_states.shape
-        q, k, v = project_qkv(
-            self.q_proj,
-            self.k_proj,
-            self.v_proj,
-            self.q_norm,
-            self.k_norm,
-            hidden_states,
-            *position_embeddings,
-            self.n_heads,
-            self.n_kv,
-            self.head_dim,
-        )
+        q, k, v = self.qkv(hidden_states, position_embeddings)
         layer = cache.layers[self.layer_idx] if cache is not None else None
         if layer is None or not layer.is_initialized:
             out, score = _prompt_attention(q, k, v, self.scaling, self.spec if layer is not None else None)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .kvx_common import LayerRuntime, pop_cache, project_qkv, tensor_bytes
+from .kvx_common import BaseProjections, LayerRuntime, pop_cache, tensor_bytes
 from .kvx_specs import StreamingSpec
 
 
@@ -66,7 +66,7 @@ class StreamingCacheLayer(DynamicLayer):
         self.positions = self.step_positions = None
 
 
-class StreamingAttention(nn.Module):
+class StreamingAttention(BaseProjections):
     """Attention sinks + a recent window (LightTransfer / StreamingLLM) over the base weights.
 
     Query at absolute position ``p`` attends keys ``j <= p`` with ``j < sink`` or
@@ -81,31 +81,13 @@ class StreamingAttention(nn.Module):
     chunk = 512
 
     def __init__(self, base: nn.Module, spec: StreamingSpec, config):
-        super().__init__()
-        self.layer_idx = base.layer_idx
-        self.scaling = float(base.scaling)
-        self.head_dim = int(base.head_dim)
-        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.q_norm = getattr(base, "q_norm", None)
-        self.k_norm = getattr(base, "k_norm", None)
+        super().__init__(base, config)
         self.sink, self.window = spec.sink, spec.window
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cache = pop_cache(kwargs, past_key_values)
         bsz, t, _ = hidden_states.shape
-        q, k, v = project_qkv(
-            self.q_proj,
-            self.k_proj,
-            self.v_proj,
-            self.q_norm,
-            self.k_norm,
-            hidden_states,
-            *position_embeddings,
-            self.n_heads,
-            self.n_kv,
-            self.head_dim,
-        )
+        q, k, v = self.qkv(hidden_states, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
             key_pos = cache.layers[self.layer_idx].step_positions

@@ -1,16 +1,18 @@
 """KV eviction on the bundled SmolLM2-135M: what each policy keeps at a fixed token budget.
 
 For every policy (``recent`` = StreamingLLM, ``h2o``, ``snapkv``, ``previous`` = the previous
-step's attention) and budget, on all layers but the first two (AttentionPredictor's choice),
-it reports: the perplexity of the last ``--tail`` tokens of ``context``-token prefixes of the
-longest evaluation documents, the prefix prefilled and the tail fed after it (so the tail
-really runs against the evicted cache, as generation does); a synthetic passkey retrieval
-(a five-digit key in filler text at several depths, answered greedily after the prompt);
-decode tokens/s after the prompt; and the cache bytes the model really holds, checked
-against the plan. Beside them, the full cache. No training; built in memory from the base
-weights exactly as ``kvx convert --to evict`` writes them.
+step's attention, ``predictor`` = AttentionPredictor's CNN) and budget, on all layers but the
+first two (AttentionPredictor's choice), it reports: the perplexity of the last ``--tail``
+tokens of ``context``-token prefixes of the longest evaluation documents, the prefix
+prefilled and the tail fed after it (so the tail really runs against the evicted cache, as
+generation does); a synthetic passkey retrieval (a five-digit key in filler text at several
+depths, answered greedily after the prompt); decode tokens/s after the prompt; and the cache
+bytes the model really holds, checked against the plan. Beside them, the full cache. Built in
+memory from the base weights exactly as ``kvx convert --to evict`` writes them; the predictor
+is trained once by ``kvx convert``'s own code on the bundled calibration text (or read from
+``--predictor CHECKPOINT``) and shared by every budget, as it is by every layer.
 
-    python benchmarks/eviction.py [--contexts 4096,8192] [--budgets 256,512,1024]
+    python benchmarks/eviction.py [--contexts 4096,8192] [--budgets 256,512,1024] [--predictor DIR]
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
+from kvx.convert import convert
 from kvx.convert.assemble import convert_model
 from kvx.data import long_documents
 from kvx.loading import load_model
 from kvx.measure.kv import checked_nbytes, new_cache
 from kvx.modeling.kvx_common import cache_kwargs
+from kvx.modeling.kvx_evict import PREDICTOR
 from kvx.modeling.kvx_specs import POLICIES
 from kvx.plan import EvictSpec, FullSpec, Plan
 
@@ -86,6 +91,21 @@ def passkey_and_speed(model, tok, prompts, new_tokens: int = 8):
     return hits / len(prompts), rates[len(rates) // 2], nbytes
 
 
+def trained_predictor(path: str | None, spec: EvictSpec, n_layers: int) -> tuple[dict, str]:
+    """The predictor's weights: from a converted checkpoint, or trained now by ``kvx convert``
+    on the bundled calibration text (layers 2 on, as below); and how it was obtained."""
+    import kvx
+
+    if path is None:
+        path = tempfile.mkdtemp(prefix="kvx-predictor-")
+        result = convert("smollm2-135m", path, to=spec, layers=f"2-{n_layers - 1}", calib="bundled", overwrite=True)
+        how = result["plan"].meta["conversion"]["predictor"]["summary"]
+    else:
+        how = f"read from {path}"
+    weights = getattr(kvx.load(path), PREDICTOR).state_dict()
+    return weights, how
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="4096,8192")
@@ -94,6 +114,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=2)
     ap.add_argument("--tail", type=int, default=256)
     ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--predictor", default=None, help="a converted checkpoint whose predictor to use")
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
     budgets = [int(b) for b in a.budgets.split(",")]
@@ -102,12 +123,19 @@ def main() -> None:
     base, tok, _ = load_model("smollm2-135m")
     n = base.config.num_hidden_layers
     filler = torch.cat(long_documents(tok, "bundled", "eval", max(contexts), 4))
+    policies = a.policies.split(",")
+    predictor, how = None, "not run"
+    if "predictor" in policies:
+        predictor, how = trained_predictor(a.predictor, EvictSpec(max(budgets), policy="predictor"), n)
     models = [("full cache", None, base)]
     for budget in budgets:
-        for policy in a.policies.split(","):
+        for policy in policies:
             spec = EvictSpec(budget, sink=64, local=64, block=16, policy=policy)
             plan = Plan([FullSpec() if i < 2 else spec for i in range(n)])
-            models.append((policy, budget, convert_model(base, plan)[0]))
+            model = convert_model(base, plan)[0]
+            if policy == "predictor":
+                getattr(model, PREDICTOR).load_state_dict(predictor)
+            models.append((policy, budget, model))
 
     print(
         f"# benchmarks/eviction.py on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -117,6 +145,7 @@ def main() -> None:
         f"# SmolLM2-135M, layers 2-{n - 1} evicting (sink 64, local 64, block 16); tail {a.tail} tokens of "
         f"{a.docs} bundled eval documents; passkey at depths {a.depths}"
     )
+    print(f"# predictor: {how}")
     print("| context | policy | budget | tail ppl | passkey | decode tok/s | KV bytes held |")
     print("|---|---|---|---|---|---|---|")
     for context in contexts:

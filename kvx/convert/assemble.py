@@ -13,7 +13,7 @@ import copy
 import logging
 
 from ..loading import build_uninitialised
-from ..methods import LayerOutput, method_of
+from ..methods import LayerOutput, get_method, method_of
 from ..modeling.modeling_kvx import kvx_class_for
 from ..plan import Plan
 
@@ -38,6 +38,8 @@ def assemble(base_model, plan: Plan, outputs: dict[int, LayerOutput], adapter, m
         for key, why in sorted(out.dropped.items()):
             log.info("layer %d (%s): %s not carried over: %s", i, kind, key, why)
         state.update({prefix + k: v for k, v in out.state.items()})
+    for kind in dict.fromkeys(s.kind for s in plan.layers):  # model-level state (a shared predictor)
+        state.update(get_method(kind).model_state(plan, None, {})[0])
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -110,6 +110,20 @@ def _outer_tensors(model, adapter, reader) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(layers) and k not in tied}
 
 
+def _model_state(plan: Plan, stores: dict | None, options: dict, progress: Progress) -> tuple[dict, list[str]]:
+    """Each kind's model-level tensors (a shared predictor), built from what its layers recorded;
+    their figures go into the plan's conversion record, their summaries into the notes."""
+    tensors, notes = {}, []
+    for kind in dict.fromkeys(s.kind for s in plan.layers):
+        method = get_method(kind)
+        store = None if stores is None else stores.get(kind, {})
+        made, info = method.model_state(plan, store, options.get(kind, {}), progress)
+        tensors.update(made)
+        plan.meta["conversion"].update(info)
+        notes += [f"{key}: {v['summary']}" for key, v in info.items() if isinstance(v, dict) and "summary" in v]
+    return tensors, notes
+
+
 def _expected_bytes(source: str | None, base) -> int:
     """About what the converted checkpoint takes on disk: its base's weights (the latents are smaller
     than the K/V projections they replace; the rest is copied)."""
@@ -214,6 +228,7 @@ def convert(
             pause_point("convert-layer")
 
         write = _layer_writer(writer, adapter, plan, dtype)
+        stores: dict[str, dict] = {}
         walker = Walker(base, adapter, batches, reader)
         records = sequential_convert(
             walker,
@@ -225,8 +240,11 @@ def convert(
             fit=FitSettings(cfg.fit_steps, cfg.fit_lr),
             options=options,
             on_layer=progress("converting layer by layer", adapter.n_layers),
+            store=stores,
         )
         writer.add(_outer_tensors(base, adapter, reader))
+        model_tensors, notes = _model_state(plan, stores if calibrated else None, options, progress)
+        writer.add(model_tensors)
         writer.finish()
 
         n_tokens, batch = batches[0].shape[1], batches[0].shape[0]
@@ -250,7 +268,6 @@ def convert(
         extra = {"conversion": f"{how}, calibration: {cfg.calib if calibrated else 'none (weights only)'}"}
         for key, values in figures.items():
             extra[f"mean {key}"] = f"{sum(values) / len(values):.4f}"
-        notes = []
         if tokenizer is None:
             notes.append(
                 f"{model} has no tokenizer: none was copied into {out}; add the base model's tokenizer files before "

@@ -152,9 +152,11 @@ def sequential_convert(
     fit: FitSettings | None = None,
     options: dict | None = None,
     on_layer=None,
+    store: dict | None = None,
 ) -> dict[int, LayerRecord]:
     """Every layer of ``plan`` converted in order; ``emit(i, output, layer)`` receives each one while
-    its base decoder layer is still in memory (to collect it, or to write its shard)."""
+    its base decoder layer is still in memory (to collect it, or to write its shard). ``store``:
+    by kind, what each method's ``observe`` records for its model-level state."""
     fit = fit or FitSettings()
     model, adapter = walker.model, walker.adapter
     config = model.config
@@ -181,6 +183,8 @@ def sequential_convert(
         layer_in = LayerInput.read(
             adapter, model, i, stats if calibrated else None, opts, plan.layers, walker.attention_state
         )
+        if calibrated and store is not None:
+            method.observe(spec, layer_in, attn, xs, kws, store.setdefault(spec.kind, {}))
         runtime = RUNTIMES[spec.kind]
         if method.standalone(spec, i):
             record, chosen, module = _convert_alone(method, spec, layer_in, attn, config, meta, (xs, kws, ys), fit)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import KvxError
+from ..progress import no_progress
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,20 @@ class Method:
         """Initialisations worth trying, by label; layer-at-a-time conversion keeps the one whose
         attention output is closest to the base layer's on held-out calibration text."""
         return {"default": self.convert_layer(spec, layer)}
+
+    # -- model-level state (one per model, shared by the kind's layers)
+
+    def observe(self, spec, layer: LayerInput, attn, xs: list, kwargs: list, store: dict) -> None:
+        """Record into ``store`` what ``model_state`` learns from: layer ``layer.index``'s base
+        attention ``attn`` and its calibration inputs (``xs``, the call arguments ``kwargs``,
+        batch by batch). Called for every layer of the kind during calibrated conversion."""
+
+    def model_state(self, plan, store: dict | None, options: dict, progress=no_progress) -> tuple[dict, dict]:
+        """Tensors outside the decoder layers that the kind's runtime needs once per model (by
+        checkpoint name), built from what ``observe`` recorded (``store`` None: nothing was,
+        an in-memory conversion), and figures for the plan's conversion record. ``progress``
+        makes a bar for anything slow (``progress(description, total)``)."""
+        return {}, {}
 
     # -- distillation
 

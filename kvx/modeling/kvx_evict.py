@@ -5,7 +5,9 @@ slots. Until it is full it grows like any cache; from then on every new block of
 tokens is written into the slots of the block its policy scores lowest (never the sinks, never
 a block that overlaps the last ``local`` tokens), so K/V, and the attention over them, stay at
 ``budget`` tokens however long the sequence gets. Each KV head of each sequence chooses its
-own blocks. Nothing is masked to pretend: what is evicted is gone.
+own blocks. Nothing is masked to pretend: what is evicted is gone. The ``predictor`` policy
+scores blocks with ``BlockPredictor``, one per model (``kvx_predictor``), from a history of the
+last steps' attention that each cache layer keeps for the blocks it holds.
 
 Shipped inside every checkpoint; imports only torch, transformers and its sibling files.
 """
@@ -20,6 +22,23 @@ from .kvx_common import BaseProjections, LayerRuntime, pop_cache, tensor_bytes
 from .kvx_specs import EvictSpec
 
 _KEEP_DECODED = 1e9  # snapkv: blocks written while decoding outrank every prompt block
+PREDICTOR = "kvx_predictor"  # the model-level module the predictor policy's layers share
+
+
+def pool_blocks(x: torch.Tensor, sink: int, block: int, n_blocks: int, reduce: str = "amax") -> torch.Tensor:
+    """Per-token values ``[..., T]`` pooled (``amax``, or ``sum`` for attention mass) into
+    ``n_blocks`` blocks of ``block`` tokens after the first ``sink`` (tokens past ``T`` count as
+    0): AttentionPredictor's block view."""
+    want = sink + n_blocks * block
+    x = x[..., sink:want]
+    x = torch.nn.functional.pad(x, (0, want - sink - x.shape[-1]))
+    return getattr(x.reshape(*x.shape[:-1], n_blocks, block), reduce)(-1)
+
+
+def order_by_block(blk: torch.Tensor) -> torch.Tensor:
+    """The block-slot order that sorts held blocks by position (empty slots last): the predictor
+    reads its columns in text order, as it was trained."""
+    return torch.where(blk >= 0, blk, torch.iinfo(blk.dtype).max).argsort(-1)
 
 
 class EvictCacheLayer(DynamicLayer):
@@ -37,7 +56,8 @@ class EvictCacheLayer(DynamicLayer):
         self.slots = (spec.budget - spec.sink) // spec.block  # block-slots after the sinks
         self.cumulative_length = 0
         self.prompt_blocks = 0
-        self.pos = self.score = self.blk = self.cur = None
+        self.pos = self.score = self.blk = self.cur = self.hist = None
+        self.predictor: nn.Module | None = None  # the predictor policy's model (set by EvictAttention)
 
     # -- bookkeeping
 
@@ -49,52 +69,82 @@ class EvictCacheLayer(DynamicLayer):
         s = self.spec
         return (blk >= 0) & (s.sink + blk * s.block + s.block - 1 >= n - s.local)
 
-    def _block_keys(self) -> torch.Tensor:
-        """Each block-slot's keep score ``[B, H, slots]`` (higher: kept longer)."""
+    def _keys(self, score: torch.Tensor, blk: torch.Tensor, hist: torch.Tensor | None, order=None) -> torch.Tensor:
+        """Keep scores ``[B, H, n]`` (higher: kept longer) of the blocks ``blk`` whose tokens'
+        scores are ``score [B, H, n, block]`` (and, for the predictor, whose history is ``hist``)."""
         s = self.spec
         if s.policy == "recent":
-            return self.blk.float()
-        per_slot = self.score[:, :, s.sink :].reshape(*self.score.shape[:2], self.slots, s.block)
-        keys = per_slot.sum(-1)
+            return blk.float()
+        if s.policy == "predictor":
+            return self._predict(hist, order)
+        keys = score.sum(-1)
         if s.policy == "snapkv":
-            keys = torch.where(self.blk >= self.prompt_blocks, _KEEP_DECODED + self.blk.float(), keys)
+            keys = torch.where(blk >= self.prompt_blocks, _KEEP_DECODED + blk.float(), keys)
         return keys
+
+    def _block_keys(self) -> torch.Tensor:
+        """Each block-slot's keep score ``[B, H, slots]``."""
+        per_slot = self.score[:, :, self.spec.sink :].reshape(*self.score.shape[:2], self.slots, self.spec.block)
+        return self._keys(per_slot, self.blk, self.hist, order_by_block(self.blk))
+
+    def _predict(self, hist: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """The predictor's next-step logits for each column of ``hist [B, H, steps, n]``, the
+        columns read in ``order`` (text order) and the logits returned in the columns' own."""
+        b, h, steps, n = hist.shape
+        if order is not None:
+            hist = hist.gather(-1, order[:, :, None].expand(-1, -1, steps, -1))
+        logits = self.predictor(hist.reshape(b * h, steps, n)).reshape(b, h, n)
+        return logits if order is None else torch.empty_like(logits).scatter_(-1, order, logits)
 
     # -- filling
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor) -> None:
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, history=None) -> None:
         """The prompt's K/V into an empty layer: all of it within the budget, else the sinks, the
-        protected recent blocks and the best-scored others (``score``: per token ``[B, H, T]``)."""
+        protected recent blocks and the best-scored others (``score``: per token ``[B, H, T]``;
+        ``history``: the prompt's last rows of attention ``[B, H, steps, T]``, predictor only)."""
         s, (b, h, t, _) = self.spec, k.shape
         self.lazy_initialization(k, v)
         n_blocks = max(0, -(-(t - s.sink) // s.block))
         self.prompt_blocks = n_blocks
         ar = torch.arange(self.slots, device=k.device)
+        pooled = None
+        if s.policy == "predictor":
+            history = k.new_zeros(b, h, s.history, t, dtype=torch.float32) if history is None else history
+            pooled = pool_blocks(history, s.sink, s.block, n_blocks)  # [B, H, steps, n_blocks]
         if t <= s.budget:
             self.keys, self.values, self.score = k, v, score
             self.pos = torch.arange(t, device=k.device).expand(b, h, t).clone()
             self.blk = torch.where(ar < n_blocks, ar, -1).expand(b, h, -1).clone()
             self.cur = torch.full((b, h), n_blocks - 1, device=k.device)
+            if pooled is not None:
+                self.hist = torch.nn.functional.pad(pooled, (0, self.slots - n_blocks))
         else:
-            padded = torch.zeros(b, h, n_blocks * s.block + s.sink, device=k.device)
-            padded[..., :t] = score
-            block_score = padded[..., s.sink :].reshape(b, h, n_blocks, s.block).sum(-1)
-            ids = torch.arange(n_blocks, device=k.device).expand(b, h, -1)
-            if s.policy == "recent":
-                block_score = ids.float()
-            block_score = block_score.masked_fill(self._protected(ids, t), float("inf"))
-            chosen = block_score.topk(self.slots, dim=-1).indices.sort(dim=-1).values  # [B, H, slots]
-            pos = (s.sink + chosen[..., None] * s.block + torch.arange(s.block, device=k.device)).flatten(2)
-            pos = torch.cat([torch.arange(s.sink, device=k.device).expand(b, h, -1), pos], dim=-1)
-            valid = pos < t
-            idx = pos.clamp(max=t - 1)
-            gather = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
-            self.keys, self.values = gather(k), gather(v)
-            self.score = torch.where(valid, score.gather(2, idx), 0.0)
-            self.pos = torch.where(valid, pos, -1)
-            self.blk = chosen
-            self.cur = torch.full((b, h), self.slots - 1, device=k.device)  # the newest block sorts last
+            self._hold(k, v, score, t, pooled)
         self.cumulative_length = t
+
+    def _hold(self, k, v, score, t: int, pooled: torch.Tensor | None) -> None:
+        """Fill the slots from ``t`` tokens' ``k, v [B, H, T, D]`` (T >= t), ``score [B, H, T]``
+        and block history ``pooled`` (predictor): the sinks, the protected recent blocks and
+        the best-kept others; the slots land on the device of ``self.device`` (the cache's)."""
+        s, (b, h) = self.spec, k.shape[:2]
+        n_blocks = -(-(t - s.sink) // s.block)
+        padded = score.new_zeros(b, h, n_blocks * s.block + s.sink)
+        padded[..., :t] = score[..., :t]
+        ids = torch.arange(n_blocks, device=k.device).expand(b, h, -1)
+        per_block = padded[..., s.sink :].reshape(b, h, n_blocks, s.block)
+        keys = self._keys(per_block, ids, pooled).masked_fill(self._protected(ids, t), float("inf"))
+        chosen = keys.topk(self.slots, dim=-1).indices.sort(dim=-1).values  # [B, H, slots]
+        pos = (s.sink + chosen[..., None] * s.block + torch.arange(s.block, device=k.device)).flatten(2)
+        pos = torch.cat([torch.arange(s.sink, device=k.device).expand(b, h, -1), pos], dim=-1)
+        valid = pos < t
+        idx = pos.clamp(max=t - 1)
+        gather = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1])).to(self.device)  # noqa: E731
+        self.keys, self.values = gather(k), gather(v)
+        self.score = torch.where(valid, score.gather(2, idx), 0.0).to(self.device)
+        self.pos, self.blk = torch.where(valid, pos, -1).to(self.device), chosen.to(self.device)
+        self.cur = torch.full((b, h), self.slots - 1, device=self.device)  # the newest block sorts last
+        if pooled is not None:
+            self.hist = pooled.gather(-1, chosen[:, :, None].expand(-1, -1, s.history, -1)).to(self.device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """One token's K/V ``[B, H, 1, D]``: into a new slot while there is room, else into the
@@ -122,6 +172,8 @@ class EvictCacheLayer(DynamicLayer):
             first = s.sink + self.cur[..., None] * s.block + torch.arange(s.block, device=k.device)
             self.pos.scatter_(-1, first, -1)
             self.score.scatter_(-1, first, 0.0)
+            if self.hist is not None:  # the new block has no history yet
+                self.hist.scatter_(-1, self.cur[:, :, None, None].expand(-1, -1, s.history, 1), 0.0)
         slot = (s.sink + self.cur * s.block + offset)[..., None]  # [B, H, 1]
         self.pos.scatter_(-1, slot, p)
         idx = slot[..., None].expand(-1, -1, -1, k.shape[-1])
@@ -134,6 +186,10 @@ class EvictCacheLayer(DynamicLayer):
             self.score += probs.sum(2)
         elif self.spec.policy == "previous":
             self.score = probs.amax(2)
+        elif self.spec.policy == "predictor":
+            s = self.spec
+            row = pool_blocks(probs.amax(2), s.sink, s.block, self.slots)  # [B, H, slots]
+            self.hist = torch.cat([self.hist[:, :, 1:], row[:, :, None]], dim=2)
 
     # -- what transformers asks of a cache layer
 
@@ -150,17 +206,21 @@ class EvictCacheLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.cumulative_length = 0
-        self.pos = self.score = self.blk = self.cur = None
+        self.pos = self.score = self.blk = self.cur = self.hist = None
 
 
 def _prompt_attention(q, k, v, scaling: float, spec: EvictSpec | None, chunk: int = 256):
     """Causal attention over a whole prompt ``q [B, H, T, D]``, ``k, v [B, H_kv, T, D]``, a chunk
-    of queries at a time; with ``spec``, also the per-token score its policy keeps blocks by."""
+    of queries at a time; with ``spec``, also the per-token score its policy keeps blocks by and,
+    for the predictor, the last ``spec.history`` rows ``[B, H_kv, steps, T]`` (max over a KV
+    head's query heads; rows before the first token are 0)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, h // hkv, t, d).float()
     kf, vf = k.float()[:, :, None], v.float()[:, :, None]
     score = q.new_zeros(b, hkv, t, dtype=torch.float32)
+    steps = spec.history if spec is not None and spec.policy == "predictor" else 0
+    history = q.new_zeros(b, hkv, steps, t, dtype=torch.float32) if steps else None
     outs = []
     for c0 in range(0, t, chunk):
         end = min(t, c0 + chunk)
@@ -176,8 +236,11 @@ def _prompt_attention(q, k, v, scaling: float, spec: EvictSpec | None, chunk: in
             score[..., :end] += p[:, :, :, rows[:, 0] >= t - spec.observe].sum((2, 3))
         elif spec.policy == "previous" and end == t:
             score = p[:, :, :, -1].amax(2)
+        elif steps:
+            keep = rows[:, 0] >= t - steps
+            history[:, :, (rows[keep, 0] - t + steps), :end] = p[:, :, :, keep].amax(2)
     out = torch.cat(outs, dim=3).reshape(b, h, t, d).to(q.dtype)
-    return out, score
+    return out, score, history
 
 
 class EvictAttention(BaseProjections):
@@ -191,16 +254,21 @@ class EvictAttention(BaseProjections):
     def __init__(self, base: nn.Module, spec: EvictSpec, config):
         super().__init__(base, config)
         self.spec = spec
+        # the model's shared BlockPredictor (``EvictRuntime.init_model``), not a submodule of each
+        # layer; a layer built alone (conversion measures its cache) gets the seeded initial one
+        self.__dict__["predictor"] = initial_predictor() if spec.policy == "predictor" else None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cache = pop_cache(kwargs, past_key_values)
         bsz, t, _ = hidden_states.shape
         q, k, v = self.qkv(hidden_states, position_embeddings)
         layer = cache.layers[self.layer_idx] if cache is not None else None
+        if layer is not None:
+            layer.predictor = self.predictor
         if layer is None or not layer.is_initialized:
-            out, score = _prompt_attention(q, k, v, self.scaling, self.spec if layer is not None else None)
+            out, score, history = _prompt_attention(q, k, v, self.scaling, self.spec if layer is not None else None)
             if layer is not None:
-                layer.prefill(k, v, score)
+                layer.prefill(k, v, score, history)
         else:
             out = torch.cat(
                 [self._step(layer, q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1]) for i in range(t)], dim=2
@@ -236,6 +304,13 @@ class BlockPredictor(nn.Module):
         return self.head(x.mean(2))[:, 0]
 
 
+def initial_predictor() -> BlockPredictor:
+    """The predictor before training, the same on every call (seeded, global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BlockPredictor()
+
+
 class EvictRuntime(LayerRuntime):
     kind = "evict"
 
@@ -244,3 +319,12 @@ class EvictRuntime(LayerRuntime):
 
     def cache_layer(self, spec, config, sliding, layer=None):
         return EvictCacheLayer(spec)
+
+    def init_model(self, model, layers):
+        """One ``BlockPredictor`` per model (``kvx_predictor``, a few KB in the checkpoint), shared
+        by the layers whose policy is ``predictor``."""
+        users = [a for a in (model.model.layers[i].self_attn for i in layers) if a.spec.policy == "predictor"]
+        if users:
+            model.add_module(PREDICTOR, BlockPredictor())
+            for attn in users:
+                attn.__dict__["predictor"] = getattr(model, PREDICTOR)

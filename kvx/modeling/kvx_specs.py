@@ -114,7 +114,7 @@ class CondensedSpec:
         return n_tokens
 
 
-POLICIES = ("recent", "h2o", "snapkv", "previous")  # how an evicting layer scores its blocks
+POLICIES = ("recent", "h2o", "snapkv", "previous", "predictor")  # how an evicting layer scores its blocks
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,12 @@ class EvictSpec:
     whole blocks of ``block`` tokens in between, chosen by ``policy``: ``recent`` (the newest
     blocks: StreamingLLM), ``h2o`` (attention received so far, summed), ``snapkv`` (attention of
     the prompt's last ``observe`` queries; blocks written while decoding leave oldest first) or
-    ``previous`` (the last step's attention: AttentionPredictor's untrained baseline). Once full,
-    each new block takes the slots of the block its policy scores lowest, so the cache is
-    exactly ``budget`` tokens from then on (slots of the block being written count as held)."""
+    ``previous`` (the last step's attention: AttentionPredictor's untrained baseline) or
+    ``predictor`` (AttentionPredictor: a small CNN, trained at conversion and carried in the
+    checkpoint, reads the last ``history`` steps' block-pooled attention and predicts the next).
+    Once full, each new block takes the slots of the block its policy scores lowest, so the
+    cache is exactly ``budget`` tokens from then on (slots of the block being written count as
+    held)."""
 
     budget: int = 1024
     sink: int = 64
@@ -136,6 +139,7 @@ class EvictSpec:
     block: int = 16
     policy: str = "h2o"
     observe: int = 32
+    history: int = 64
     kind: ClassVar[str] = "evict"
     always_shown: ClassVar[tuple[str, ...]] = ("budget", "policy")
 

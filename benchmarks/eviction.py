@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tail", type=int, default=256)
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--predictor", default=None, help="a converted checkpoint whose predictor to use")
+    ap.add_argument("--offload", action="store_true", help="the offload mode (full K/V in a second store)")
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
     budgets = [int(b) for b in a.budgets.split(",")]
@@ -130,12 +131,12 @@ def main() -> None:
     models = [("full cache", None, base)]
     for budget in budgets:
         for policy in policies:
-            spec = EvictSpec(budget, sink=64, local=64, block=16, policy=policy)
+            spec = EvictSpec(budget, sink=64, local=64, block=16, policy=policy, offload=a.offload)
             plan = Plan([FullSpec() if i < 2 else spec for i in range(n)])
             model = convert_model(base, plan)[0]
             if policy == "predictor":
                 getattr(model, PREDICTOR).load_state_dict(predictor)
-            models.append((policy, budget, model))
+            models.append((policy + (" (offload)" if a.offload else ""), budget, model))
 
     print(
         f"# benchmarks/eviction.py on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

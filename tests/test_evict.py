@@ -24,10 +24,10 @@ pytestmark = pytest.mark.runtime
 IDS = (torch.arange(3, 140) * 7 % 1000)[None]  # 137 tokens: far past the budgets below
 
 
-def _evicting(policy: str, budget: int = 32, first_full: bool = True):
+def _evicting(policy: str, budget: int = 32, first_full: bool = True, **fields):
     base = tiny_model("llama")
     n = base.config.num_hidden_layers
-    spec = EvictSpec(budget, sink=4, local=8, block=4, policy=policy)
+    spec = EvictSpec(budget, sink=4, local=8, block=4, policy=policy, **fields)
     plan = Plan([FullSpec() if (first_full and i == 0) else spec for i in range(n)])
     return base, convert_model(base, plan)[0], spec
 

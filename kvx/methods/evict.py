@@ -36,8 +36,8 @@ class EvictMethod(Method):
         where = f"layer {layer}: evict"
         if spec.policy not in POLICIES:
             raise KvxError(f"{where} policy {spec.policy!r} is unknown (known: {', '.join(POLICIES)})")
-        if spec.block < 1 or spec.sink < 0 or spec.local < 1 or spec.observe < 1 or spec.history < 3:
-            raise KvxError(f"{where} needs block >= 1, sink >= 0, local >= 1, observe >= 1, history >= 3")
+        if min(spec.block, spec.local, spec.observe) < 1 or spec.sink < 0 or spec.history < 3 or spec.refresh < 0:
+            raise KvxError(f"{where} needs block >= 1, sink >= 0, local >= 1, observe >= 1, history >= 3, refresh >= 0")
         odd = [f"{n}={getattr(spec, n)}" for n in ("budget", "sink", "local") if getattr(spec, n) % spec.block]
         if odd:
             raise KvxError(f"{where}: {', '.join(odd)} not a multiple of the block size {spec.block}")

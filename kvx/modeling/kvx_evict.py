@@ -126,25 +126,25 @@ class EvictCacheLayer(DynamicLayer):
         """Fill the slots from ``t`` tokens' ``k, v [B, H, T, D]`` (T >= t), ``score [B, H, T]``
         and block history ``pooled`` (predictor): the sinks, the protected recent blocks and
         the best-kept others; the slots land on the device of ``self.device`` (the cache's)."""
-        s, (b, h) = self.spec, k.shape[:2]
+        s, (b, h), dev = self.spec, k.shape[:2], score.device
         n_blocks = -(-(t - s.sink) // s.block)
         padded = score.new_zeros(b, h, n_blocks * s.block + s.sink)
         padded[..., :t] = score[..., :t]
-        ids = torch.arange(n_blocks, device=k.device).expand(b, h, -1)
+        ids = torch.arange(n_blocks, device=dev).expand(b, h, -1)
         per_block = padded[..., s.sink :].reshape(b, h, n_blocks, s.block)
         keys = self._keys(per_block, ids, pooled).masked_fill(self._protected(ids, t), float("inf"))
         chosen = keys.topk(self.slots, dim=-1).indices.sort(dim=-1).values  # [B, H, slots]
-        pos = (s.sink + chosen[..., None] * s.block + torch.arange(s.block, device=k.device)).flatten(2)
-        pos = torch.cat([torch.arange(s.sink, device=k.device).expand(b, h, -1), pos], dim=-1)
+        pos = (s.sink + chosen[..., None] * s.block + torch.arange(s.block, device=dev)).flatten(2)
+        pos = torch.cat([torch.arange(s.sink, device=dev).expand(b, h, -1), pos], dim=-1)
         valid = pos < t
         idx = pos.clamp(max=t - 1)
-        gather = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1])).to(self.device)  # noqa: E731
-        self.keys, self.values = gather(k), gather(v)
-        self.score = torch.where(valid, score.gather(2, idx), 0.0).to(self.device)
-        self.pos, self.blk = torch.where(valid, pos, -1).to(self.device), chosen.to(self.device)
-        self.cur = torch.full((b, h), self.slots - 1, device=self.device)  # the newest block sorts last
+        at = idx.to(k.device)[..., None].expand(-1, -1, -1, k.shape[-1])
+        self.keys, self.values = k.gather(2, at).to(dev), v.gather(2, at).to(dev)  # fetched where K/V live
+        self.score = torch.where(valid, score.gather(2, idx), 0.0)
+        self.pos, self.blk = torch.where(valid, pos, -1), chosen
+        self.cur = torch.full((b, h), self.slots - 1, device=dev)  # the newest block sorts last
         if pooled is not None:
-            self.hist = pooled.gather(-1, chosen[:, :, None].expand(-1, -1, s.history, -1)).to(self.device)
+            self.hist = pooled.gather(-1, chosen[:, :, None].expand(-1, -1, s.history, -1))
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """One token's K/V ``[B, H, 1, D]``: into a new slot while there is room, else into the
@@ -180,8 +180,9 @@ class EvictCacheLayer(DynamicLayer):
         self.keys.scatter_(2, idx, k)
         self.values.scatter_(2, idx, v)
 
-    def observe(self, probs: torch.Tensor) -> None:
-        """One decode step's attention ``[B, H_kv, group, slots]`` into the policy's scores."""
+    def observe(self, probs: torch.Tensor, q=None, scaling: float = 1.0) -> None:
+        """One decode step's attention ``[B, H_kv, group, slots]`` into the policy's scores
+        (``q``, its queries ``[B, H_kv, group, D]``: for a layer that attends densely now and then)."""
         if self.spec.policy == "h2o":
             self.score += probs.sum(2)
         elif self.spec.policy == "previous":
@@ -207,6 +208,91 @@ class EvictCacheLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = 0
         self.pos = self.score = self.blk = self.cur = self.hist = None
+
+
+class OffloadCacheLayer(EvictCacheLayer):
+    """``evict(offload=true)``: the slots as ``EvictCacheLayer`` on the compute device, and every
+    token's K/V in a second store on ``store_device``. At each new block past the budget the slots
+    are chosen afresh from all stored blocks (an evicted block can come back) and fetched from
+    the store. Scores are kept for every stored token (``store_score``, ``store_hist``: small
+    bookkeeping on the compute device): from the slots' attention each step, and from a dense
+    pass over the whole store every ``refresh`` steps. ``nbytes``: the compute device's K/V
+    (the budget); ``offloaded_nbytes``: the store's. On a CPU-only machine both are in the same
+    RAM: the mode then saves attention compute, not memory."""
+
+    store_device = "cpu"
+
+    def prefill(self, k, v, score, history=None) -> None:
+        super().prefill(k, v, score, history)
+        s = self.spec
+        self.store_k, self.store_v = k.to(self.store_device, copy=True), v.to(self.store_device, copy=True)
+        self.store_score = score.clone()
+        self.steps = 0
+        if s.policy == "predictor":
+            history = (
+                k.new_zeros(*k.shape[:2], s.history, k.shape[2], dtype=torch.float32) if history is None else history
+            )
+            self.store_hist = pool_blocks(history, s.sink, s.block, self.prompt_blocks)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        s, p = self.spec, self.cumulative_length
+        if not self.is_initialized:
+            return super().append(k, v)
+        self.store_k = torch.cat([self.store_k, k.to(self.store_device)], dim=-2)
+        self.store_v = torch.cat([self.store_v, v.to(self.store_device)], dim=-2)
+        self.store_score = torch.cat([self.store_score, self.store_score.new_zeros(*k.shape[:2], 1)], dim=-1)
+        new_block = p >= s.sink and (p - s.sink) % s.block == 0
+        if new_block and s.policy == "predictor":
+            self.store_hist = torch.nn.functional.pad(self.store_hist, (0, 1))
+        if new_block and self.keys.shape[-2] >= s.budget:  # choose the slots afresh from everything stored
+            self.cumulative_length = p + 1
+            self._hold(
+                self.store_k,
+                self.store_v,
+                self.store_score,
+                p + 1,
+                self.store_hist if s.policy == "predictor" else None,
+            )
+            return
+        super().append(k, v)
+
+    def observe(self, probs: torch.Tensor, q=None, scaling: float = 1.0) -> None:
+        s = self.spec
+        self.steps += 1
+        if s.policy in ("recent", "snapkv"):
+            return
+        dense = bool(s.refresh) and self.steps % s.refresh == 0 and q is not None
+        if dense:  # every stored token, as the full cache would attend it now
+            keys = self.store_k.to(q.device).float()
+            probs = ((q @ keys.transpose(-1, -2)) * scaling).softmax(-1)
+            pos = torch.arange(keys.shape[-2], device=q.device).expand(*probs.shape[:2], -1)
+        else:
+            pos = self.pos
+        hit = pos >= 0
+        bi, hi, si = hit.nonzero(as_tuple=True)
+        at = (bi, hi, pos[bi, hi, si])
+        if s.policy == "h2o":
+            self.store_score.index_put_(at, probs.sum(2)[bi, hi, si], accumulate=True)
+        elif s.policy == "previous":
+            self.store_score.index_put_(at, probs.amax(2)[bi, hi, si])
+        else:  # predictor: blocks not attended this step carry their last value forward
+            row = self.store_hist[:, :, -1].clone()
+            n = self.store_hist.shape[-1]
+            if dense:
+                row = pool_blocks(probs.amax(2), s.sink, s.block, n)
+            else:
+                held = self.blk >= 0
+                bj, hj, sj = held.nonzero(as_tuple=True)
+                pooled = pool_blocks(probs.amax(2), s.sink, s.block, self.slots)
+                row[bj, hj, self.blk[bj, hj, sj]] = pooled[bj, hj, sj]
+            self.store_hist = torch.cat([self.store_hist[:, :, 1:], row[:, :, None]], dim=2)
+
+    def offloaded_nbytes(self) -> int:
+        return tensor_bytes(self.store_k, self.store_v)
+
+    def reset(self) -> None:
+        super().reset()
+        self.store_k = self.store_v = self.store_score = self.store_hist = None
 
 
 def _prompt_attention(q, k, v, scaling: float, spec: EvictSpec | None, chunk: int = 256):
@@ -281,7 +367,7 @@ class EvictAttention(BaseProjections):
         qg = q.reshape(b, self.n_kv, h // self.n_kv, d).float()
         scores = (qg @ layer.keys.float().transpose(-1, -2)) * self.scaling  # [B, H_kv, group, slots]
         probs = scores.masked_fill((layer.pos < 0)[:, :, None], float("-inf")).softmax(-1)
-        layer.observe(probs)
+        layer.observe(probs, qg, self.scaling)
         return (probs @ layer.values.float()).reshape(b, h, 1, d).to(q.dtype)
 
 
@@ -318,7 +404,7 @@ class EvictRuntime(LayerRuntime):
         return EvictAttention(base, spec, config)
 
     def cache_layer(self, spec, config, sliding, layer=None):
-        return EvictCacheLayer(spec)
+        return OffloadCacheLayer(spec) if spec.offload else EvictCacheLayer(spec)
 
     def init_model(self, model, layers):
         """One ``BlockPredictor`` per model (``kvx_predictor``, a few KB in the checkpoint), shared

@@ -131,7 +131,10 @@ class EvictSpec:
     checkpoint, reads the last ``history`` steps' block-pooled attention and predicts the next).
     Once full, each new block takes the slots of the block its policy scores lowest, so the
     cache is exactly ``budget`` tokens from then on (slots of the block being written count as
-    held)."""
+    held). ``offload``: every token's K/V is also kept in a second store off the compute device
+    (CPU RAM); the budget's slots are re-chosen from all stored blocks at each new block and
+    fetched from it, and every ``refresh`` steps a dense pass over the store refreshes the
+    scores. The compute device then holds ``budget`` tokens; nothing is lost, only not attended."""
 
     budget: int = 1024
     sink: int = 64
@@ -140,6 +143,8 @@ class EvictSpec:
     policy: str = "h2o"
     observe: int = 32
     history: int = 64
+    offload: bool = False
+    refresh: int = 5
     kind: ClassVar[str] = "evict"
     always_shown: ClassVar[tuple[str, ...]] = ("budget", "policy")
 

@@ -37,7 +37,7 @@ from kvx.measure.kv import checked_nbytes, new_cache
 from kvx.modeling.kvx_common import cache_kwargs
 from kvx.modeling.kvx_evict import PREDICTOR
 from kvx.modeling.kvx_specs import POLICIES
-from kvx.plan import EvictSpec, FullSpec, Plan
+from kvx.plan import EvictSpec, FullSpec, Plan, spec_string
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\nWhat is the pass key? The pass key is"
@@ -98,7 +98,9 @@ def trained_predictor(path: str | None, spec: EvictSpec, n_layers: int) -> tuple
 
     if path is None:
         path = tempfile.mkdtemp(prefix="kvx-predictor-")
-        result = convert("smollm2-135m", path, to=spec, layers=f"2-{n_layers - 1}", calib="bundled", overwrite=True)
+        result = convert(
+            "smollm2-135m", path, to=spec_string(spec), layers=f"2-{n_layers - 1}", calib="bundled", overwrite=True
+        )
         how = result["plan"].meta["conversion"]["predictor"]["summary"]
     else:
         how = f"read from {path}"

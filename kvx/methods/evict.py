@@ -95,7 +95,7 @@ class EvictMethod(Method):
         if not users:
             return {}, {}
         if store is None:
-            model, info = initial_predictor(), {}
+            model, info = initial_predictor(users[0].history), {}
         else:
             keep = lambda pairs: [p for p in pairs if p[0].shape[0]]  # noqa: E731
             steps = options.get("predictor_steps", 300)

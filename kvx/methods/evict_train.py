@@ -43,14 +43,14 @@ def train_predictor(
     target: torch.Tensor,
     steps: int = 300,
     batch: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     seed: int = 0,
     on_step=None,
 ) -> BlockPredictor:
     """A predictor fitted to ``history [N, steps, blocks] -> target [N, blocks]`` (block masses)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = BlockPredictor()
+    model = BlockPredictor(history.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     want = target / target.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -342,7 +342,7 @@ class EvictAttention(BaseProjections):
         self.spec = spec
         # the model's shared BlockPredictor (``EvictRuntime.init_model``), not a submodule of each
         # layer; a layer built alone (conversion measures its cache) gets the seeded initial one
-        self.__dict__["predictor"] = initial_predictor() if spec.policy == "predictor" else None
+        self.__dict__["predictor"] = initial_predictor(spec.history) if spec.policy == "predictor" else None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cache = pop_cache(kwargs, past_key_values)
@@ -372,29 +372,36 @@ class EvictAttention(BaseProjections):
 
 
 class BlockPredictor(nn.Module):
-    """AttentionPredictor's model (~19 KB in float32): the last steps' attention, max-pooled into
-    blocks, ``[N, steps, blocks]`` -> the next step's block logits ``[N, blocks]``. Two 3x3
-    convolutions over (time, block), a mean over time, a 1x1 convolution; one per model, shared
-    by all layers and heads. Each history row is scaled by its maximum first, so heads and
-    layers with sharper or flatter attention read alike."""
+    """AttentionPredictor's model (~19 KB in float32): the last ``steps`` steps' attention,
+    max-pooled into blocks, ``[N, steps, blocks]`` -> the next step's block logits ``[N, blocks]``.
+    Two 3x3 convolutions over (time, block), a pool over time, a 1x1 convolution; one per model,
+    shared by all layers and heads. Each history row is scaled by its maximum first, so heads
+    and layers with sharper or flatter attention read alike.
 
-    def __init__(self, channels: tuple[int, int] = (16, 32)):
+    The pool over time is a learned weighted mean (``time``, softmax weights, started in favour
+    of the newest steps) where the paper takes a plain mean: a plain mean cannot tell the last
+    step from the first, and on SmolLM2's attention the paper's model stayed below the
+    previous-step rule it is meant to beat (recall 0.625 vs 0.640; 0.663 with the weights)."""
+
+    def __init__(self, steps: int = 64, channels: tuple[int, int] = (16, 32)):
         super().__init__()
         self.conv1 = nn.Conv2d(1, channels[0], 3, padding=1)
         self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
         self.head = nn.Conv1d(channels[1], 1, 1)
+        self.time = nn.Parameter(torch.linspace(-4.0, 4.0, steps))
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         x = history / history.amax(-1, keepdim=True).clamp_min(1e-9)
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x[:, None]))))
-        return self.head(x.mean(2))[:, 0]
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x[:, None]))))  # [N, C, steps, blocks]
+        pooled = (x * self.time.softmax(0)[:, None]).sum(2)
+        return self.head(pooled)[:, 0]
 
 
-def initial_predictor() -> BlockPredictor:
+def initial_predictor(steps: int = 64) -> BlockPredictor:
     """The predictor before training, the same on every call (seeded, global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return BlockPredictor()
+        return BlockPredictor(steps)
 
 
 class EvictRuntime(LayerRuntime):
@@ -411,6 +418,6 @@ class EvictRuntime(LayerRuntime):
         by the layers whose policy is ``predictor``."""
         users = [a for a in (model.model.layers[i].self_attn for i in layers) if a.spec.policy == "predictor"]
         if users:
-            model.add_module(PREDICTOR, BlockPredictor())
+            model.add_module(PREDICTOR, BlockPredictor(users[0].spec.history))
             for attn in users:
                 attn.__dict__["predictor"] = getattr(model, PREDICTOR)

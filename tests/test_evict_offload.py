@@ -11,8 +11,8 @@ from torch import nn
 from torch.testing import assert_close
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvx.measure.kv import checked_nbytes
-from kvx.modeling.kvx_common import cache_kwargs, pop_cache
+from kvx.measure.kv import checked_nbytes, new_cache
+from kvx.modeling.kvx_common import cache_kwargs, output_cache, pop_cache
 from kvx.modeling.kvx_evict import EvictAttention, OffloadCacheLayer
 from kvx.modeling.kvx_specs import POLICIES
 
@@ -64,8 +64,6 @@ def _recorded_decode(model, prompt: int):
     handles = [
         a.register_forward_hook(hook(i), with_kwargs=True) for i, a in attns.items() if isinstance(a, EvictAttention)
     ]
-    from kvx.measure.kv import new_cache
-
     cache = new_cache(model)
     with torch.no_grad():
         out = [model(IDS[:, :prompt], **cache_kwargs(model, cache)).logits]
@@ -118,3 +116,13 @@ def test_a_budget_above_the_sequence_is_full_attention_with_offload():
         want = base(IDS, use_cache=False).logits
     got, _ = _decode(model, IDS, 50)
     assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_generate_with_offload_and_a_batch():
+    _, model, spec = _evicting("previous", offload=True, refresh=2)
+    ids = torch.cat([IDS[:, :60], IDS[:, 60:120]])
+    result = model.generate(ids, max_new_tokens=30, do_sample=False, min_new_tokens=30, return_dict_in_generate=True)
+    assert result.sequences.shape == (2, 90)
+    cache = output_cache(result)  # the cache generate decoded with
+    assert all(layer.keys.shape[-2] == spec.budget and layer.store_k.shape[-2] == 89 for layer in cache.layers[1:])
+    checked_nbytes(model, cache, 89, batch=2)

@@ -12,6 +12,7 @@ from kvx.errors import KvxError
 from kvx.measure.kv import checked_nbytes
 from kvx.methods.evict_train import recall, rule_scores, train_predictor
 from kvx.modeling.kvx_evict import PREDICTOR, BlockPredictor, initial_predictor
+from kvx.plan import EvictSpec, FullSpec, Plan
 
 from .test_evict import IDS, _decode
 
@@ -108,4 +109,19 @@ def test_the_predictor_policy_needs_calibration_text(tiny_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KvxError, match="calibration text") as e:
         convert(str(tiny_dir("llama")), out, to=PREDICTED, calib="none")
+    assert "\n" not in str(e.value) and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "layers, options, message",
+    [
+        ((8, 16), {}, "share one predictor"),  # two histories cannot share one predictor
+        ((8, 8), {"predictor_steps": 0}, "predictor_steps"),
+    ],
+)
+def test_predictor_plans_that_cannot_work_are_refused_before_any_work(tiny_dir, tmp_path, layers, options, message):
+    specs = [EvictSpec(32, 4, 8, 4, "predictor", history=h) for h in layers]
+    out = tmp_path / "out"
+    with pytest.raises(KvxError, match=message) as e:
+        convert(str(tiny_dir("llama")), out, plan=Plan([FullSpec(), *specs]), calib="bundled", **options)
     assert "\n" not in str(e.value) and not out.exists()

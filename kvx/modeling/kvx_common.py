@@ -67,6 +67,32 @@ def cache_nbytes(cache: Cache) -> int:
     return sum(layer_nbytes(layer) for layer in cache.layers)
 
 
+class CountingLayer(DynamicLayer):
+    """A cache layer that holds fewer tokens than it has seen (it keeps a window, or evicts):
+    it counts the tokens itself, reports the mask sizes of a full layer (its attention masks by
+    position itself) and counts only K/V as cache bytes (positions and scores are bookkeeping)."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self):
+        super().__init__()
+        self.cumulative_length = 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.keys, self.values)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+
 # --------------------------------------------------------------------------- the layer-runtime interface
 
 

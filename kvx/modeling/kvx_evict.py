@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
-from .kvx_common import BaseProjections, LayerRuntime, pop_cache, tensor_bytes
+from .kvx_common import BaseProjections, CountingLayer, LayerRuntime, pop_cache, tensor_bytes
 from .kvx_specs import EvictSpec
 
 _KEEP_DECODED = 1e9  # snapkv: blocks written while decoding outrank every prompt block
@@ -41,20 +40,16 @@ def order_by_block(blk: torch.Tensor) -> torch.Tensor:
     return torch.where(blk >= 0, blk, torch.iinfo(blk.dtype).max).argsort(-1)
 
 
-class EvictCacheLayer(DynamicLayer):
+class EvictCacheLayer(CountingLayer):
     """K/V of at most ``budget`` tokens in slots; ``pos`` (absolute position, -1: empty slot),
     ``score`` (the policy's per-slot score), ``blk`` (the block each block-slot holds, -1: none),
     ``cur`` (the block-slot being written), all per sequence and KV head. The mask sizes it
     reports are those of a full layer; ``EvictAttention`` masks by ``pos`` itself."""
 
-    is_sliding = False
-    is_croppable = False
-
     def __init__(self, spec: EvictSpec):
         super().__init__()
         self.spec = spec
         self.slots = (spec.budget - spec.sink) // spec.block  # block-slots after the sinks
-        self.cumulative_length = 0
         self.prompt_blocks = 0
         self.pos = self.score = self.blk = self.cur = self.hist = None
         self.predictor: nn.Module | None = None  # the predictor policy's model (set by EvictAttention)
@@ -192,21 +187,8 @@ class EvictCacheLayer(DynamicLayer):
             row = pool_blocks(probs.amax(2), s.sink, s.block, self.slots)  # [B, H, slots]
             self.hist = torch.cat([self.hist[:, :, 1:], row[:, :, None]], dim=2)
 
-    # -- what transformers asks of a cache layer
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def nbytes(self) -> int:
-        """K/V of the held slots (positions and scores are bookkeeping, not KV: not counted)."""
-        return tensor_bytes(self.keys, self.values)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
-
     def reset(self) -> None:
         super().reset()
-        self.cumulative_length = 0
         self.pos = self.score = self.blk = self.cur = self.hist = None
 
 

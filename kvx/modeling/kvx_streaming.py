@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
-from .kvx_common import BaseProjections, LayerRuntime, pop_cache, tensor_bytes
+from .kvx_common import BaseProjections, CountingLayer, LayerRuntime, pop_cache
 from .kvx_specs import StreamingSpec
 
 
-class StreamingCacheLayer(DynamicLayer):
+class StreamingCacheLayer(CountingLayer):
     """Keeps K/V of the first ``sink`` tokens and the last ``window`` tokens, nothing else.
 
     ``update`` returns this step's visible keys (kept + new) and records their absolute
@@ -26,13 +25,9 @@ class StreamingCacheLayer(DynamicLayer):
     built from it); ``StreamingAttention`` builds its own mask.
     """
 
-    is_sliding = False
-    is_croppable = False
-
     def __init__(self, sink: int, window: int):
         super().__init__()
         self.sink, self.window = sink, window
-        self.cumulative_length = 0
         self.positions: torch.Tensor | None = None
         self.step_positions: torch.Tensor | None = None
 
@@ -50,16 +45,6 @@ class StreamingCacheLayer(DynamicLayer):
         self.keys, self.values, self.positions = keys[:, :, keep], values[:, :, keep], positions[keep]
         self.step_positions = positions
         return keys, values
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def nbytes(self) -> int:
-        """K/V of the kept tokens (their int64 positions are bookkeeping, not KV: not counted)."""
-        return tensor_bytes(self.keys, self.values)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
 
     def reset(self) -> None:
         super().reset()

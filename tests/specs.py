@@ -41,4 +41,7 @@ EXAMPLES: list[Example] = [
         Example(f"evict-{p}", lambda a, p=p: EvictSpec(48, 4, 8, 4, p), refused_by=("gemma3",))
         for p in ("recent", "h2o", "snapkv", "previous")
     ),
+    # the predictor is trained on the matrix's calibration text and carried by the checkpoint
+    Example("evict-predictor", lambda a: EvictSpec(48, 4, 8, 4, "predictor", history=16), refused_by=("gemma3",)),
+    Example("evict-offload", lambda a: EvictSpec(48, 4, 8, 4, "h2o", offload=True), refused_by=("gemma3",)),
 ]

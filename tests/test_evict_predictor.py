@@ -9,6 +9,7 @@ from safetensors import safe_open
 import kvx
 from kvx.convert import convert
 from kvx.errors import KvxError
+from kvx.loading import load_model
 from kvx.measure.kv import checked_nbytes
 from kvx.methods.evict_train import recall, rule_scores, train_predictor
 from kvx.modeling.kvx_evict import PREDICTOR, BlockPredictor, initial_predictor
@@ -125,3 +126,12 @@ def test_predictor_plans_that_cannot_work_are_refused_before_any_work(tiny_dir, 
     with pytest.raises(KvxError, match=message) as e:
         convert(str(tiny_dir("llama")), out, plan=Plan([FullSpec(), *specs]), calib="bundled", **options)
     assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_a_bfloat16_model_runs_its_predictor_in_bfloat16(predicted):
+    out, _ = predicted
+    model = load_model(str(out), dtype=torch.bfloat16, need_tokenizer=False)[0]
+    assert getattr(model, PREDICTOR).head.weight.dtype == torch.bfloat16
+    got, cache = _decode(model, IDS, 50)
+    assert torch.isfinite(got.float()).all()
+    assert all(layer.keys.shape[-2] == 32 for layer in cache.layers)

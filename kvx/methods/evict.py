@@ -18,6 +18,7 @@ from ..progress import no_progress
 from .base import LayerInput, Method, Option
 
 TARGETS = 128  # next-step rows recorded per calibration window and layer, at most a quarter of it
+PREDICTOR_STEPS = 300  # the predictor's training steps unless --predictor-steps says otherwise
 
 
 class EvictMethod(Method):
@@ -28,7 +29,9 @@ class EvictMethod(Method):
         "policy": Option(str, f"evict: how blocks are kept: {', '.join(POLICIES)}."),
     }
     conversion_options = {
-        "predictor_steps": Option(int, "evict: training steps of the block predictor (policy predictor)."),
+        "predictor_steps": Option(
+            int, f"evict: training steps of the block predictor (policy predictor; {PREDICTOR_STEPS})."
+        ),
     }
     tags = ("kv-eviction", "attention-sinks")
 
@@ -59,7 +62,7 @@ class EvictMethod(Method):
             )
 
     def needs(self, spec: EvictSpec, calibrated: bool, options: dict | None = None) -> frozenset[str]:
-        steps = (options or {}).get("predictor_steps", 300)
+        steps = (options or {}).get("predictor_steps", PREDICTOR_STEPS)
         if not isinstance(steps, int) or steps < 1:
             raise KvxError(f"evict: predictor_steps must be a whole number >= 1 (got {steps!r})")
         if spec.policy != "predictor":
@@ -98,7 +101,7 @@ class EvictMethod(Method):
             model, info = initial_predictor(users[0].history), {}
         else:
             keep = lambda pairs: [p for p in pairs if p[0].shape[0]]  # noqa: E731
-            steps = options.get("predictor_steps", 300)
+            steps = options.get("predictor_steps", PREDICTOR_STEPS)
             bar = progress("training the block predictor", steps)
             model, report = fit_on_traces(
                 keep(store.get("train", [])), keep(store.get("held", [])), users[0], steps, bar

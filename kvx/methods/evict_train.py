@@ -112,8 +112,9 @@ def fit_on_traces(train: list, held: list, spec: EvictSpec, steps: int, on_step=
     so that the figure is not 1 by construction)."""
     if not train or not held:
         raise KvxError(
-            f"the predictor trains on the last {spec.history} + a few attention rows of each calibration window: "
-            "the windows are too short for the spec (raise --calib-seq-len or lower the history)"
+            f"the predictor trains on the last {spec.history} + a few attention rows of each calibration window "
+            "and is judged on a held-out one: it needs at least two windows longer than "
+            f"{spec.history + spec.sink + spec.local + 2 * spec.block} tokens (raise --calib-seq-len or --calib-tokens)"
         )
     history, target = samples(train, spec.history, MAX_SAMPLES, seed=0)
     model = train_predictor(history, target, steps=steps, on_step=on_step)

@@ -88,7 +88,8 @@ class EvictCacheLayer(CountingLayer):
         b, h, steps, n = hist.shape
         if order is not None:
             hist = hist.gather(-1, order[:, :, None].expand(-1, -1, steps, -1))
-        logits = self.predictor(hist.reshape(b * h, steps, n)).reshape(b, h, n)
+        dtype = next(self.predictor.parameters()).dtype  # the model's (bfloat16, say); the history is float32
+        logits = self.predictor(hist.reshape(b * h, steps, n).to(dtype)).float().reshape(b, h, n)
         return logits if order is None else torch.empty_like(logits).scatter_(-1, order, logits)
 
     # -- filling

@@ -146,3 +146,14 @@ def test_an_evicting_checkpoint_reloads_and_decodes_alike(tiny_dir, tmp_path):
     _, again = _decode(model, IDS, 50)
     assert torch.isfinite(got).all()
     assert all(torch.equal(a.pos, b.pos) for a, b in zip(cache.layers, again.layers))
+
+
+def test_a_padded_batch_is_refused_not_silently_wrong():
+    _, model, _ = _evicting("h2o")
+    ids = torch.cat([IDS[:, :20], IDS[:, 20:40]])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with pytest.raises(ValueError, match="padding") as e:
+        model(ids, attention_mask=mask)
+    assert "\n" not in str(e.value)
+    model(ids, attention_mask=torch.ones_like(ids))  # equal lengths: fine

@@ -396,6 +396,16 @@ class EvictRuntime(LayerRuntime):
     def cache_layer(self, spec, config, sliding, layer=None):
         return OffloadCacheLayer(spec) if spec.offload else EvictCacheLayer(spec)
 
+    def forward(self, model, forward, **kwargs):
+        """Refuse padded batches: evicting layers mask by position, not by the padding mask, so
+        a padded sequence would silently attend its padding (batch sequences of equal length)."""
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError(
+                "evicting layers do not apply padding masks: batch sequences of equal length (or one at a time)"
+            )
+        return forward(**kwargs)
+
     def init_model(self, model, layers):
         """One ``BlockPredictor`` per model (``kvx_predictor``, a few KB in the checkpoint), shared
         by the layers whose policy is ``predictor``."""

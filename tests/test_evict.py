@@ -15,7 +15,7 @@ from kvx.measure.kv import checked_nbytes, new_cache
 from kvx.modeling.kvx_common import cache_kwargs, output_cache
 from kvx.modeling.kvx_evict import EvictCacheLayer
 from kvx.modeling.kvx_specs import POLICIES
-from kvx.plan import EvictSpec, FullSpec, Plan
+from kvx.plan import EvictSpec, FullSpec, MLASpec, Plan
 
 from .conftest import tiny_model
 
@@ -157,3 +157,19 @@ def test_a_padded_batch_is_refused_not_silently_wrong():
         model(ids, attention_mask=mask)
     assert "\n" not in str(e.value)
     model(ids, attention_mask=torch.ones_like(ids))  # equal lengths: fine
+
+
+def test_a_converted_checkpoint_is_not_converted_again(tiny_dir, tmp_path):
+    """MLA and eviction mix by layer in one plan; a kvx checkpoint's layers are not the family's."""
+    mla = tmp_path / "mla"
+    convert(str(tiny_dir("llama")), mla, to="mla", kv_rank=8, rope_dims=8, calib="none")
+    out = tmp_path / "out"
+    with pytest.raises(KvxError, match="already a kvx checkpoint") as e:
+        convert(str(mla), out, to="evict(budget=32, sink=4, local=8, block=4)", calib="none")
+    assert "\n" not in str(e.value) and not out.exists()
+    mixed = Plan([FullSpec(), MLASpec(8, 8, "high"), EvictSpec(32, 4, 8, 4, "previous")])
+    convert(str(tiny_dir("llama")), tmp_path / "mixed", plan=mixed, calib="none")
+    model = kvx.load(str(tmp_path / "mixed"))
+    _, cache = _decode(model, IDS, 50)
+    checked_nbytes(model, cache, IDS.shape[-1])
+    assert cache.layers[2].keys.shape[-2] == 32

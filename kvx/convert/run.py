@@ -177,6 +177,11 @@ def convert(
         source, name, config = load_source(model)
         tokenizer, base, reader = load_tokenizer(source), None, None
     check_output(out, overwrite, _expected_bytes(source, base))  # free space: refused before any work
+    if getattr(config, "kvx", None):  # its layers are no longer the family's: nothing to read them as
+        raise KvxError(
+            f"{model} is already a kvx checkpoint ({Plan.from_config(config).summary()}): convert its source "
+            "model instead; a --plan gives each layer its own kind (mla in some layers, evict in others)"
+        )
     adapter = get_adapter(config)
     if cfg.plan is not None:
         plan, how = _plan_from_file(cfg, adapter, name), "a per-layer plan"

@@ -18,17 +18,16 @@ def attention_chunks(
     scaling: float,
     sliding_window: int | None = None,
     chunk: int = 256,
-    start: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Causal softmax attention ``[B, H, c, T]`` (float32) for successive query chunks.
 
     ``q [B, H, Tq, d]``, ``k [B, H_kv, T, d]``; grouped KV heads are repeated as in GQA. The
-    queries are those of the last ``Tq`` positions (``start``: the first one's, ``T - Tq``
-    unless given), so a caller that needs only the last rows computes only those.
+    queries are those of the last ``Tq`` positions, so a caller that needs only the last rows
+    computes only those.
     ``sliding_window`` follows transformers: a query sees its last ``window`` keys itself included.
     """
     t = q.shape[-2]
-    start = k.shape[-2] - t if start is None else start
+    start = k.shape[-2] - t
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()
     keys = torch.arange(k.shape[-2], device=q.device)
     for c0 in range(0, t, chunk):

@@ -94,10 +94,11 @@ class EvictCacheLayer(CountingLayer):
 
     # -- filling
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, history=None) -> None:
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, history=None) -> torch.Tensor | None:
         """The prompt's K/V into an empty layer: all of it within the budget, else the sinks, the
         protected recent blocks and the best-scored others (``score``: per token ``[B, H, T]``;
-        ``history``: the prompt's last rows of attention ``[B, H, steps, T]``, predictor only)."""
+        ``history``: the prompt's last rows of attention ``[B, H, steps, T]``, predictor only).
+        Returns the predictor's history of every prompt block (None for the other policies)."""
         s, (b, h, t, _) = self.spec, k.shape
         self.lazy_initialization(k, v)
         n_blocks = max(0, -(-(t - s.sink) // s.block))
@@ -117,6 +118,7 @@ class EvictCacheLayer(CountingLayer):
         else:
             self._hold(k, v, score, t, pooled)
         self.cumulative_length = t
+        return pooled
 
     def _hold(self, k, v, score, t: int, pooled: torch.Tensor | None) -> None:
         """Fill the slots from ``t`` tokens' ``k, v [B, H, T, D]`` (T >= t), ``score [B, H, T]``
@@ -205,17 +207,13 @@ class OffloadCacheLayer(EvictCacheLayer):
 
     store_device = "cpu"
 
-    def prefill(self, k, v, score, history=None) -> None:
-        super().prefill(k, v, score, history)
-        s = self.spec
+    def prefill(self, k, v, score, history=None) -> torch.Tensor | None:
+        pooled = super().prefill(k, v, score, history)
         self.store_k, self.store_v = k.to(self.store_device, copy=True), v.to(self.store_device, copy=True)
         self.store_score = score.clone()
+        self.store_hist = pooled  # every prompt block's history (predictor)
         self.steps = 0
-        if s.policy == "predictor":
-            history = (
-                k.new_zeros(*k.shape[:2], s.history, k.shape[2], dtype=torch.float32) if history is None else history
-            )
-            self.store_hist = pool_blocks(history, s.sink, s.block, self.prompt_blocks)
+        return pooled
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         s, p = self.spec, self.cumulative_length
@@ -225,17 +223,11 @@ class OffloadCacheLayer(EvictCacheLayer):
         self.store_v = torch.cat([self.store_v, v.to(self.store_device)], dim=-2)
         self.store_score = torch.cat([self.store_score, self.store_score.new_zeros(*k.shape[:2], 1)], dim=-1)
         new_block = p >= s.sink and (p - s.sink) % s.block == 0
-        if new_block and s.policy == "predictor":
+        if new_block and self.store_hist is not None:  # predictor: the new block's history column
             self.store_hist = torch.nn.functional.pad(self.store_hist, (0, 1))
         if new_block and self.keys.shape[-2] >= s.budget:  # choose the slots afresh from everything stored
             self.cumulative_length = p + 1
-            self._hold(
-                self.store_k,
-                self.store_v,
-                self.store_score,
-                p + 1,
-                self.store_hist if s.policy == "predictor" else None,
-            )
+            self._hold(self.store_k, self.store_v, self.store_score, p + 1, self.store_hist)
             return
         super().append(k, v)
 
@@ -258,17 +250,20 @@ class OffloadCacheLayer(EvictCacheLayer):
             self.store_score.index_put_(at, probs.sum(2)[bi, hi, si], accumulate=True)
         elif s.policy == "previous":
             self.store_score.index_put_(at, probs.amax(2)[bi, hi, si])
-        else:  # predictor: blocks not attended this step carry their last value forward
-            row = self.store_hist[:, :, -1].clone()
-            n = self.store_hist.shape[-1]
-            if dense:
-                row = pool_blocks(probs.amax(2), s.sink, s.block, n)
-            else:
-                held = self.blk >= 0
-                bj, hj, sj = held.nonzero(as_tuple=True)
-                pooled = pool_blocks(probs.amax(2), s.sink, s.block, self.slots)
-                row[bj, hj, self.blk[bj, hj, sj]] = pooled[bj, hj, sj]
-            self.store_hist = torch.cat([self.store_hist[:, :, 1:], row[:, :, None]], dim=2)
+        else:
+            self.store_hist = torch.cat([self.store_hist[:, :, 1:], self._history_row(probs, dense)[:, :, None]], dim=2)
+
+    def _history_row(self, probs: torch.Tensor, dense: bool) -> torch.Tensor:
+        """This step's block-pooled attention over every stored block ``[B, H, blocks]``: all of
+        them after a dense pass; else the held blocks', the others carrying their last value."""
+        s = self.spec
+        if dense:
+            return pool_blocks(probs.amax(2), s.sink, s.block, self.store_hist.shape[-1])
+        row = self.store_hist[:, :, -1].clone()
+        bj, hj, sj = (self.blk >= 0).nonzero(as_tuple=True)
+        pooled = pool_blocks(probs.amax(2), s.sink, s.block, self.slots)
+        row[bj, hj, self.blk[bj, hj, sj]] = pooled[bj, hj, sj]
+        return row
 
     def offloaded_nbytes(self) -> int:
         return tensor_bytes(self.store_k, self.store_v)

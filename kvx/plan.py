@@ -24,6 +24,7 @@ from .modeling.kvx_specs import (
     EvictSpec,
     FullSpec,
     LayerSpec,
+    MappedSpec,
     MLASpec,
     StreamingSpec,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "EvictSpec",
     "FullSpec",
     "LayerSpec",
+    "MappedSpec",
     "MLASpec",
     "Plan",
     "StreamingSpec",
@@ -98,7 +100,7 @@ def _shown(spec) -> list[tuple[str, object]]:
 
 def spec_string(spec) -> str:
     """The spec as ``parse_spec`` reads it back."""
-    shown = _shown(spec)
+    shown = [(k, "/".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in _shown(spec)]
     return spec.kind + (f"({', '.join(f'{k}={v}' for k, v in shown)})" if shown else "")
 
 
@@ -193,9 +195,27 @@ class Plan:
             out.append(spec.cached_floats(geom, i) * kept * dtype_bytes)
         return out
 
+    def reference(self) -> dict | None:
+        """The reference model that mapped layers borrow attention from (``meta["reference"]``:
+        its name, config, per-layer plan and cache geometry), or None when no layer does."""
+        if not any(s.kind == "mapped" and s.model == "reference" for s in self.layers):
+            return None
+        return self.meta.get("reference")
+
+    def reference_kv_bytes(self, n_tokens: int, dtype_bytes: int) -> list[int]:
+        """Bytes each layer of the reference model's cache holds after ``n_tokens`` tokens (batch 1):
+        the reference runs in lockstep, so its cache is part of what the plan costs."""
+        ref = self.reference()
+        if ref is None or "layers" not in ref:
+            return []
+        geom = CacheGeometry(**{**ref["geometry"], "layer_types": tuple(ref["geometry"].get("layer_types", ()))})
+        return Plan([spec_from_dict(d) for d in ref["layers"]]).layer_kv_bytes(geom, n_tokens, dtype_bytes)
+
     def kv_bytes(self, geom: CacheGeometry, n_tokens: int, dtype_bytes: int) -> int:
-        """Bytes the whole cache holds after ``n_tokens`` tokens (batch 1)."""
-        return sum(self.layer_kv_bytes(geom, n_tokens, dtype_bytes))
+        """Bytes the whole cache holds after ``n_tokens`` tokens (batch 1), a reference model's included."""
+        return sum(self.layer_kv_bytes(geom, n_tokens, dtype_bytes)) + sum(
+            self.reference_kv_bytes(n_tokens, dtype_bytes)
+        )
 
     def summary(self) -> str:
         """``30 layers: 30 mla(kv_rank=60, rope_dims=36)``. Layers alike but for their first

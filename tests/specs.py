@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvx.plan import CondensedSpec, EvictSpec, FullSpec, MLASpec, StreamingSpec
+from kvx.plan import CondensedSpec, EvictSpec, FullSpec, MappedSpec, MLASpec, StreamingSpec
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,12 @@ class Example:
     id: str
     make: Callable  # adapter -> spec, applied to every layer
     refused_by: tuple[str, ...] = ()  # families where the method's check must refuse it
+    first: Callable | None = None  # adapter -> layer 0's spec, where the method cannot run there
+
+    def layers(self, adapter) -> list:
+        """The example's plan: ``make`` on every layer (``first`` on layer 0, if given)."""
+        spec = self.make(adapter)
+        return [self.first(adapter) if self.first else spec] + [spec] * (adapter.n_layers - 1)
 
 
 def _two_pairs(a) -> int:  # RoPE dims for two kept frequency pairs per KV head
@@ -44,4 +50,11 @@ EXAMPLES: list[Example] = [
     # the predictor is trained on the matrix's calibration text and carried by the checkpoint
     Example("evict-predictor", lambda a: EvictSpec(48, 4, 8, 4, "predictor", history=16), refused_by=("gemma3",)),
     Example("evict-offload", lambda a: EvictSpec(48, 4, 8, 4, "h2o", offload=True), refused_by=("gemma3",)),
+    # mapped onto layer 0 of the same model (a reference model: tests/test_mapped.py); heads permuted
+    Example(
+        "mapped-self",
+        lambda a: MappedSpec(0, "self", tuple(reversed(range(a.n_heads)))),
+        refused_by=("gemma3",),  # local-window layers cannot be mapped
+        first=lambda a: FullSpec(),
+    ),
 ]

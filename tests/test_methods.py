@@ -54,7 +54,7 @@ def matrix(tmp_path_factory, tiny_dir_factory):
     done = {}
     for example, family in CASES:
         adapter = get_adapter(tiny_model(family).config)
-        plan = Plan([example.make(adapter)] * adapter.n_layers)
+        plan = Plan(example.layers(adapter))
         out = root / f"{example.id}-{family}"
         try:
             convert(str(sources[family]), out, plan=plan, calib_tokens=512, calib_seq_len=128)
@@ -93,7 +93,7 @@ def test_spec_round_trips_through_text_and_yaml(case):
     spec = example.make(adapter)
     kind, args = parse_spec(spec_string(spec))
     assert METHODS[kind].make_spec(args, adapter, calibrated=True) == spec
-    plan = Plan([spec] * adapter.n_layers, "m", {"note": 1})
+    plan = Plan(example.layers(adapter), "m", {"note": 1})
     assert Plan.from_yaml(plan.to_yaml()) == plan
 
 
@@ -103,7 +103,7 @@ def test_converted_checkpoint_invariants(case, matrix, reloaded):
     _, out = _converted(matrix, example, family)
     model = kvx.load(str(out))
     plan = Plan.from_config(model.config)
-    assert plan.layers == [example.make(get_adapter(model.config))] * len(plan.layers)
+    assert plan.layers == example.layers(get_adapter(model.config))
     with torch.no_grad():
         full = model(IDS, use_cache=False).logits
 
@@ -185,7 +185,7 @@ def test_every_export_is_exercised_by_some_example():
         for example, family in WORKING:
             adapter = get_adapter(tiny_model(family).config)
             try:
-                exporter.check(Plan([example.make(adapter)] * adapter.n_layers), adapter)
+                exporter.check(Plan(example.layers(adapter)), adapter)
                 ok.append((example.id, family))
             except KvxError:
                 pass

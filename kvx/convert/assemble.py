@@ -68,7 +68,9 @@ def convert_model(base_model, plan: Plan, stats: dict | None = None, on_layer=No
     """``base_model`` converted per ``plan`` in memory (no checkpoint): every layer through its
     method, then assembled. ``stats``: calibration statistics by layer, where methods use them."""
     from ..arch import get_adapter
+    from ..methods import prepare_plan
 
     adapter = get_adapter(base_model.config)
+    prepare_plan(plan, adapter, options or {}, None)
     outputs = convert_layers(base_model, plan, adapter, stats or {}, on_layer, options)
     return assemble(base_model, plan, outputs, adapter, {"k_norm_eps": adapter.k_norm_eps()}), outputs

@@ -22,7 +22,7 @@ from ..io.staging import pause_point
 from ..layerwise import Walker
 from ..loading import load_model, load_source, load_tokenizer, resolve
 from ..measure.kv import check_layer_bytes
-from ..methods import check_plan, get_method, method_of
+from ..methods import check_plan, get_method, method_of, prepare_plan
 from ..modeling.modeling_kvx import write_checkpoint_files
 from ..plan import FullSpec, Plan, parse_layers, spec_string
 from ..progress import Progress, no_progress
@@ -195,6 +195,7 @@ def convert(
         export_out = out.with_name(f"{out.name}-{cfg.export}")
         check_output(export_out, overwrite)
     options = cfg.conversion_options()
+    prepare_plan(plan, adapter, options, tokenizer)
     needs = {i: method_of(s).needs(s, cfg.calibrated, options.get(s.kind)) for i, s in enumerate(plan.layers)}
     calibrated = any("calibration" in n for n in needs.values())
     if calibrated and tokenizer is None:
@@ -253,8 +254,12 @@ def convert(
         writer.finish()
 
         n_tokens, batch = batches[0].shape[1], batches[0].shape[0]
-        spec_bytes = plan.layer_kv_bytes(adapter.geometry(), n_tokens, 4)  # measured in float32
-        measured = check_layer_bytes(plan, [r.cache_bytes for r in records.values()], spec_bytes, n_tokens, batch)
+        # measured in float32; a reference model's cache (run beside the model) after the decoder's layers
+        spec_bytes = plan.layer_kv_bytes(adapter.geometry(), n_tokens, 4) + plan.reference_kv_bytes(n_tokens, 4)
+        got = [r.cache_bytes for r in records.values()]
+        for kind in plan.kinds():
+            got += get_method(kind).attached_cache_bytes(plan, model_tensors, batches[0])
+        measured = check_layer_bytes(plan, got, spec_bytes, n_tokens, batch)
         kv = {
             "baseline": sum(r.base_cache_bytes for r in records.values()) / (batch * n_tokens),
             "measured": measured / (batch * n_tokens),

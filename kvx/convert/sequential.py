@@ -194,7 +194,11 @@ def sequential_convert(
         else:  # it reads another layer's cache: judged, measured and healed with the whole model
             chosen = method.convert_layer(spec, layer_in)
             record, module = LayerRecord(chosen="default"), attn
-            record.cache_bytes = layer_nbytes(runtime.cache_layer(spec, config, sliding[i], i))
+            cache_layer = runtime.cache_layer(spec, config, sliding[i], i)
+            if spec.cached_floats(adapter.geometry(), i):  # what it keeps of what the base attention stores
+                record.cache_bytes = _cache_bytes(attn, cache_layer, adapter.n_layers, i, xs[0], kws[0])
+            else:
+                record.cache_bytes = layer_nbytes(cache_layer)
         record.base_cache_bytes = _cache_bytes(
             attn, RUNTIMES["full"].cache_layer(spec, config, sliding[i], i), adapter.n_layers, i, xs[0], kws[0]
         )

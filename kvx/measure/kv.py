@@ -12,6 +12,7 @@ import torch
 from ..arch import get_adapter
 from ..arch.deepseek import is_native_mla, native_mla_geometry, native_mla_plan
 from ..errors import KvxError
+from ..modeling.kvx_common import cache_layers
 from ..modeling.modeling_kvx import cache_kwargs, layer_nbytes, make_cache
 from ..plan import Plan
 
@@ -38,7 +39,9 @@ def _plan_and_geometry(model):
 def layer_bytes_spec(model, n_tokens: int) -> list[int]:
     """What the plan says each layer's cache holds after ``n_tokens`` tokens, at the model dtype."""
     plan, geom = _plan_and_geometry(model)
-    return plan.layer_kv_bytes(geom, n_tokens, dtype_bytes(model))
+    return plan.layer_kv_bytes(geom, n_tokens, dtype_bytes(model)) + plan.reference_kv_bytes(
+        n_tokens, dtype_bytes(model)
+    )
 
 
 def kv_bytes_per_token_spec(model, n_tokens: int) -> float:
@@ -54,8 +57,13 @@ def check_layer_bytes(plan: Plan, got: list[int], want: list[int], n_tokens: int
     for i, (g, w) in enumerate(zip(got, want)):
         if g != w * batch:
             what = "holds nothing" if g == 0 else f"holds {g} bytes"
+            what_layer = (
+                f"layer {i} ({plan.layers[i].kind})"
+                if i < len(plan.layers)
+                else f"reference layer {i - len(plan.layers)}"
+            )
             raise KvxError(
-                f"layer {i} ({plan.layers[i].kind}): the cache {what} after {n_tokens} tokens, the plan says "
+                f"{what_layer}: the cache {what} after {n_tokens} tokens, the plan says "
                 f"{w * batch}; this runtime does not fill its cache (an unsupported transformers version?)"
             )
     return sum(got)
@@ -65,7 +73,7 @@ def checked_nbytes(model, cache, n_tokens: int, batch: int = 1) -> int:
     """Bytes ``cache`` holds after ``n_tokens`` tokens of ``batch`` sequences, checked layer by layer
     against the plan: a ``KvxError`` naming the first layer that disagrees."""
     plan, _ = _plan_and_geometry(model)
-    got = [layer_nbytes(layer) for layer in cache.layers]
+    got = [layer_nbytes(layer) for layer in cache_layers(cache)]  # a reference model's included
     return check_layer_bytes(plan, got, layer_bytes_spec(model, n_tokens), n_tokens, batch)
 
 

@@ -12,6 +12,7 @@ from .base import LayerInput, LayerOutput, Method, Option
 from .condensed import CondensedMethod
 from .evict import EvictMethod
 from .full import FullMethod
+from .mapped import MappedMethod
 from .mla import MLAMethod
 from .streaming import StreamingMethod
 
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {
     "streaming": StreamingMethod(),
     "condensed": CondensedMethod(),
     "evict": EvictMethod(),
+    "mapped": MappedMethod(),
 }
 
 
@@ -46,6 +48,12 @@ def check_plan(plan, adapter) -> None:
         get_method(kind).check_plan(plan, adapter)
 
 
+def prepare_plan(plan, adapter, options: dict, tokenizer) -> None:
+    """Each kind's outside needs (a reference model) checked and recorded, before any work."""
+    for kind in sorted(plan.kinds()):
+        get_method(kind).prepare(plan, adapter, options.get(kind, {}), tokenizer)
+
+
 def shortcut_options() -> dict[str, tuple[str, Option]]:
     """Every method's shortcut options by name, with the kind that owns each."""
     out: dict[str, tuple[str, Option]] = {}
@@ -65,6 +73,7 @@ __all__ = [
     "Method",
     "Option",
     "check_plan",
+    "prepare_plan",
     "get_method",
     "method_of",
     "shortcut_options",

@@ -106,6 +106,11 @@ class Method:
         """Raise ``KvxError`` if the plan's layers of this kind cannot run together (one layer
         reading another's cache, say); called once per kind present, after every ``check``."""
 
+    def prepare(self, plan, adapter, options: dict, tokenizer) -> None:
+        """Check (and record in ``plan.meta``) what the kind needs from outside the model, such as
+        a second model, before any work; called once per kind present, after ``check_plan``.
+        ``tokenizer``: the model's (None for in-memory conversions)."""
+
     def standalone(self, spec, layer: int) -> bool:
         """Whether the layer's attention runs on its own input alone (layer-at-a-time conversion
         measures and fits only such layers; a layer that reads another layer's cache cannot)."""
@@ -139,6 +144,11 @@ class Method:
         an in-memory conversion), and figures for the plan's conversion record. ``progress``
         makes a bar for anything slow (``progress(description, total)``)."""
         return {}, {}
+
+    def attached_cache_bytes(self, plan, tensors: dict, input_ids: torch.Tensor) -> list[int]:
+        """Bytes per layer of the caches of models the kind runs beside the converted one (a
+        reference model, built from its ``model_state`` ``tensors``), measured on ``input_ids``."""
+        return []
 
     # -- distillation
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -63,8 +64,31 @@ def layer_nbytes(layer) -> int:
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes the cache object really holds, summed over layers."""
-    return sum(layer_nbytes(layer) for layer in cache.layers)
+    """Bytes the cache object really holds, summed over its layers and those of the caches attached to it."""
+    return sum(layer_nbytes(layer) for layer in cache_layers(cache))
+
+
+# --------------------------------------------------------------------------- caches run in lockstep
+# A model that runs a second model on the same tokens (a reference model) keeps that model's
+# cache attached to its own, so that ``generate`` and a caller's cache carry both.
+
+ATTACHED = "kvx_attached"
+
+
+def attach(cache: Cache, name: str, other: Cache) -> Cache:
+    cache.__dict__.setdefault(ATTACHED, {})[name] = other
+    return other
+
+
+def attached(cache: Cache | None, name: str) -> Cache | None:
+    return None if cache is None else cache.__dict__.get(ATTACHED, {}).get(name)
+
+
+def cache_layers(cache: Cache | None) -> list:
+    """The cache's layers, then those of the caches attached to it (in order of attachment)."""
+    if cache is None:
+        return []
+    return [*cache.layers, *(layer for other in cache.__dict__.get(ATTACHED, {}).values() for layer in other.layers)]
 
 
 class CountingLayer(DynamicLayer):
@@ -122,6 +146,16 @@ class LayerRuntime:
 
 
 # --------------------------------------------------------------------------- RoPE and projections
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
+    """Attention of ``q`` ``[B, H, T, D]`` over ``k``/``v`` with fewer (or as many) heads, under the
+    model's mask cut to the keys (None: causal, as the model's own SDPA path does)."""
+    group_k, group_v = q.shape[1] // k.shape[1], q.shape[1] // v.shape[1]
+    k, v = k.repeat_interleave(group_k, dim=1), v.repeat_interleave(group_v, dim=1)
+    mask = attention_mask[:, :, :, : k.shape[-2]] if attention_mask is not None else None
+    causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling)
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -155,19 +155,60 @@ class EvictSpec:
         return min(n_tokens, self.budget)
 
 
-LayerSpec = FullSpec | MLASpec | StreamingSpec | CondensedSpec | EvictSpec
+MAPPED_MODELS = ("reference", "self")  # whose attention a mapped layer borrows
+
+
+@dataclass(frozen=True)
+class MappedSpec:
+    """Attention mapping (IAM, Zhao et al. 2025): the layer borrows the attention probabilities
+    of layer ``source`` of a smaller reference model of the same family run in lockstep on the
+    same tokens (``model="reference"``), or of an earlier layer of this model (``"self"``:
+    cross-layer attention sharing, no second model). It keeps its V and O projections and
+    caches V only; no Q/K projections, no K cache. ``heads``: for each of its query heads, the
+    source's query head whose probabilities it takes (empty: head ``h`` takes source head
+    ``h * source_heads // heads``, the identity when the counts match). ``dynamic``: the map is
+    chosen afresh at each prefill, as IAM does (the layer keeps its Q/K projections to compare
+    its own attention of the prompt's last ``observe`` queries with every source head's, and
+    caches nothing of K); decoding reuses it."""
+
+    source: int
+    model: str = "reference"
+    heads: tuple[int, ...] = ()
+    dynamic: bool = False
+    observe: int = 64
+    kind: ClassVar[str] = "mapped"
+    always_shown: ClassVar[tuple[str, ...]] = ("source", "model")
+
+    def __post_init__(self):
+        heads = self.heads
+        if isinstance(heads, str):  # from spec text: heads=3/1/0/2
+            heads = [h for h in heads.replace(",", "/").split("/") if h.strip()]
+        elif isinstance(heads, int):
+            heads = [heads]
+        object.__setattr__(self, "heads", tuple(int(h) for h in (heads or ())))
+
+    def cached_floats(self, geom: CacheGeometry, layer: int | None = None) -> int:
+        return geom.n_kv_heads * geom.head_dim
+
+    def cached_tokens(self, n_tokens: int) -> int:
+        return n_tokens
+
+
+LayerSpec = FullSpec | MLASpec | StreamingSpec | CondensedSpec | EvictSpec | MappedSpec
 SPEC_TYPES: dict[str, type] = {
     "full": FullSpec,
     "mla": MLASpec,
     "streaming": StreamingSpec,
     "condensed": CondensedSpec,
     "evict": EvictSpec,
+    "mapped": MappedSpec,
 }
 RUNTIME_ONLY_KEYS = ("absorb",)  # switches of the runtime, not part of a spec
 
 
 def spec_to_dict(spec) -> dict:
-    return {"kind": spec.kind, **asdict(spec)}
+    """The spec as plain data (tuples as lists: YAML and JSON both read those back)."""
+    return {"kind": spec.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}}
 
 
 def spec_from_dict(d: dict):

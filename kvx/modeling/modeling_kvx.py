@@ -41,6 +41,7 @@ from .kvx_common import (  # noqa: F401  (re-exported: the library and tests rea
 )
 from .kvx_condensed import CondensedRuntime
 from .kvx_evict import EvictRuntime
+from .kvx_mapped import MappedRuntime
 from .kvx_mla import MLARuntime
 from .kvx_specs import spec_from_dict
 from .kvx_streaming import StreamingRuntime
@@ -52,6 +53,7 @@ RUNTIMES: dict[str, LayerRuntime] = {
     "streaming": StreamingRuntime(),
     "condensed": CondensedRuntime(),
     "evict": EvictRuntime(),
+    "mapped": MappedRuntime(),
 }
 
 

@@ -228,26 +228,25 @@ def net_figures(plan, adapter) -> dict:
     hidden, hd = adapter.config.hidden_size, adapter.head_dim
     mapped = [s for _, s in _mapped(plan)]
     saved_flops = 2 * hidden * hd * (adapter.n_heads + adapter.n_kv_heads) * sum(not s.dynamic for s in mapped)
-    ref_flops = 0
     described = plan.reference()
-    if described is not None:
-        c = described["config"]
-        ref_hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        attn = c["hidden_size"] * ref_hd * 2 * (c["num_attention_heads"] + c["num_key_value_heads"])
-        ref_flops = 2 * c["num_hidden_layers"] * (attn + 3 * c["hidden_size"] * c["intermediate_size"])
-    kv_change, flop_change = mine / full - 1, (ref_flops - saved_flops) / max(1, _model_flops(adapter.config))
+    ref_flops = _decoder_flops(described["config"]) if described is not None else 0
+    kv_change, flop_change = (
+        mine / full - 1,
+        (ref_flops - saved_flops) / max(1, _decoder_flops(adapter.config.to_dict())),
+    )
     verdict = "saves" if mine < full else "COSTS MORE KV THAN IT SAVES"
+    whose = ", the reference model's cache included" if described is not None else ""
     summary = (
-        f"mapping {len(mapped)} layers: KV cache {full} -> {mine} floats/token ({kv_change:+.1%}, reference's "
-        f"cache included): it {verdict}; projection FLOPs/token {flop_change:+.1%} of the model's "
-        f"(reference forward {ref_flops / 1e6:.1f} M, Q/K projections skipped {saved_flops / 1e6:.1f} M)"
+        f"mapping {len(mapped)} layers: KV cache {full} -> {mine} floats/token ({kv_change:+.1%}{whose}): it "
+        f"{verdict}; matmul FLOPs/token {flop_change:+.1%} of the model's (reference forward "
+        f"{ref_flops / 1e6:.2f} M, Q/K projections skipped {saved_flops / 1e6:.2f} M; attention itself not counted)"
     )
     return {"kv_floats_per_token": mine, "full_kv_floats_per_token": full, "kv_change": kv_change,
             "flop_change": flop_change, "summary": summary}  # fmt: skip
 
 
-def _model_flops(config) -> int:
-    """About the matmul FLOPs per token of the model's decoder layers (2 x their weights)."""
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attn = config.hidden_size * hd * 2 * (config.num_attention_heads + config.num_key_value_heads)
-    return 2 * config.num_hidden_layers * (attn + 3 * config.hidden_size * config.intermediate_size)
+def _decoder_flops(c: dict) -> int:
+    """About the matmul FLOPs per token of a model's decoder layers (2 x their weights), from its config."""
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    attn = c["hidden_size"] * hd * 2 * (c["num_attention_heads"] + c["num_key_value_heads"])
+    return 2 * c["num_hidden_layers"] * (attn + 3 * c["hidden_size"] * c["intermediate_size"])

@@ -139,3 +139,20 @@ def test_refusals_before_any_work(tiny_dir, tmp_path):
     refused(_mapped_plan(n), "vocabulary", reference=str(other))
     qwen = tiny_dir("qwen2")  # another family
     refused(_mapped_plan(n), "is a qwen2 model", reference=str(qwen))
+
+
+def test_profile_suggests_a_mapped_plan_that_convert_applies(tiny_dir, tmp_path):
+    """``kvx profile --reference R --mapped 0.34`` on a model and a copy of itself: IAM's order picks
+    the last layer; the measured map is the identity; ``kvx convert --plan`` then reproduces the model."""
+    from kvx.profile import profile
+
+    src = tiny_dir("llama")
+    report = profile(str(src), tmp_path / "prof", reference=str(src), mapped=0.34, tokens=512, seq_len=128,
+                     xscale_tokens=64)  # fmt: skip
+    plan = Plan.from_dict(report["suggested_plan"])
+    assert [s.kind for s in plan.layers] == ["full", "full", "mapped"]
+    assert plan.layers[2].source == 2 and plan.layers[2].heads == (0, 1, 2, 3)
+    assert report["mapping"]["kv_change"] > 0  # a copy as reference costs more than it saves: said so
+    out = convert(str(src), tmp_path / "out", plan=Plan.load(tmp_path / "prof" / "plan.yaml"), calib="none")
+    with torch.no_grad():
+        assert_close(kvx.load(out["out"])(IDS).logits, tiny_model("llama")(IDS).logits, atol=1e-5, rtol=0)

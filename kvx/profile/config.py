@@ -35,4 +35,13 @@ class ProfileConfig:
         "stream; ~2 min for SmolLM2 on 2 CPU cores) or loss (the same grid scored by the model's next-token KL with "
         "that layer alone converted; a model forward per point).",
     )
+    mapped: float = opt(
+        0.0,
+        "With --reference: suggest a mapped plan (IAM) for this share of the layers instead of MLA (e.g. 0.5).",
+    )
+    map_order: str = opt(
+        "iam",
+        "Which layers --mapped picks: iam (the last layer backwards to the middle, then forwards from a quarter "
+        "in; never the first eighth) or similar (the layers most like a reference layer first).",
+    )
     xscale_tokens: int = opt(256, "Tokens of the cross-scale attention comparison (with --reference).")

@@ -8,16 +8,18 @@ from ..arch import get_adapter
 from ..checkpoint import atomic_dir, check_output
 from ..errors import KvxError
 from ..generate import text_windows
+from ..io.staging import note
 from ..loading import load_model, resolve
 from ..measure.attention import ProfileSettings, attention_maps, cross_scale_similarity, run_profile
 from ..measure.metrics import energy_ranks
 from ..methods.mla.maths import full_rank, joint_kv, output_spectrum, select_pairs, validate_rope_dims
+from ..modeling.kvx_mapped import REFERENCE_KEY
 from ..plan import Plan
 from ..progress import Progress, no_progress
 from .config import ProfileConfig
 from .report import write_report
 from .sensitivity import rank_grid, rope_grid, sweep
-from .suggest import check_room, default_rope_dims, suggest_condensed, suggest_plan
+from .suggest import check_room, default_rope_dims, suggest_condensed, suggest_mapped, suggest_plan
 
 ALLOCATIONS = ("spectrum", "output", "loss")
 
@@ -65,7 +67,9 @@ def profile(
     validate_rope_dims(r_dims, n_kv, hd)
     if cfg.condensed and (streaming or cfg.allocate != "spectrum"):
         raise KvxError("--condensed plans have no MLA or streaming layers: drop --streaming / --allocate")
-    if not streaming and not cfg.condensed:
+    if cfg.mapped and (reference is None or streaming or cfg.condensed or cfg.allocate != "spectrum"):
+        raise KvxError("--mapped suggests mapped layers only, onto a --reference: drop --streaming / --condensed")
+    if not streaming and not cfg.condensed and not cfg.mapped:
         check_room(geom, adapter.n_layers, target_kv_ratio, r_dims)
     ref = None
     if reference is not None:
@@ -150,7 +154,9 @@ def profile(
         )
         for layer, curve in zip(layers, curves):
             layer["sensitivity"] = {str(rope): {str(r): s for r, s in c.items()} for rope, c in curve.scores.items()}
-    if cfg.condensed:
+    if cfg.mapped:
+        plan = _mapped_plan(sims["heads"], cfg, reference, adapter, tokenizer, name)
+    elif cfg.condensed:
         sim = report["cross_layer_similarity"]
         similarity = [[(k + v) / 2 for k, v in zip(rk, rv)] for rk, rv in zip(sim["k"], sim["v"])]
         plan = suggest_condensed(geom, similarity, target_kv_ratio, seq_len, name)
@@ -172,7 +178,23 @@ def profile(
         )
     report["suggested_plan"] = plan.to_dict()
     report["expected_kv_ratio"] = plan.meta["expected_kv_ratio"]
+    if cfg.mapped:
+        report["mapping"] = plan.meta["mapping"]
+        note(plan.meta["mapping"]["summary"])
     with atomic_dir(out, overwrite) as tmp:
         files = write_report(report, plan, tmp)
     report["files"] = [str(Path(out) / f.name) for f in files]
     return report
+
+
+def _mapped_plan(heads, cfg: ProfileConfig, reference: str, adapter, tokenizer, name) -> Plan:
+    """IAM's plan (``suggest_mapped``), its reference described as ``kvx convert --plan`` needs it and
+    its net KV and FLOP change (the reference model's cost included)."""
+    from ..methods.mapped import describe_reference, net_figures
+
+    plan = suggest_mapped(heads, cfg.mapped, cfg.map_order, name)
+    plan.meta = {"suggested_by": "kvx profile", "allocation": f"mapped ({cfg.map_order} order)"}
+    plan.meta[REFERENCE_KEY] = describe_reference(reference, plan, adapter, tokenizer)
+    plan.meta["mapping"] = net_figures(plan, adapter)
+    plan.meta["expected_kv_ratio"] = round(1 / (1 + plan.meta["mapping"]["kv_change"]), 3)
+    return plan

@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..errors import KvxError
-from ..plan import CacheGeometry, CondensedSpec, FullSpec, MLASpec, Plan, StreamingSpec
+from ..plan import CacheGeometry, CondensedSpec, FullSpec, MappedSpec, MLASpec, Plan, StreamingSpec
 from .sensitivity import LayerCurve, allocate
 
 
@@ -160,3 +160,36 @@ def suggest_condensed(
         "cross-layer K/V cosine similarity (profile) of the readers to their source"
     )
     return plan
+
+
+MAP_ORDERS = ("iam", "similar")
+
+
+def mapping_order(n: int, order: str, similarity: torch.Tensor) -> list[int]:
+    """The layers ``--mapped`` fills, in order. ``iam``: IAM's (never the first layers; from the last
+    layer backwards to the middle, then forwards from a quarter in, the early layers last);
+    ``similar``: by how like its best reference layer each layer's attention is."""
+    if order not in MAP_ORDERS:
+        raise KvxError(f"--map-order {order!r}: choose from {', '.join(MAP_ORDERS)}")
+    if order == "similar":
+        return sorted(range(1, n), key=lambda i: -float(similarity[i].max()))
+    skip, quarter, half = max(1, n // 8), max(1, n // 4), n // 2
+    late = list(range(n - 1, half - 1, -1))
+    middle = list(range(max(skip, quarter), half))
+    return late + middle + [i for i in range(skip, n) if i not in late + middle]
+
+
+def suggest_mapped(heads: torch.Tensor, fraction: float, order: str, base_model: str | None = None) -> Plan:
+    """Mapped layers for ``fraction`` of the model: each onto the reference layer whose heads are most
+    like its own (``heads [L, H, L_ref, H_ref]``: cosine of flattened attention maps), each head onto
+    its most similar head there."""
+    n = heads.shape[0]
+    count = round(fraction * n)
+    if not 1 <= count < n:
+        raise KvxError(f"--mapped {fraction} maps {count} of {n} layers: give a share that maps 1..{n - 1}")
+    best = heads.max(dim=-1).values.mean(dim=1)  # [L, L_ref]: each head's best match, averaged
+    specs: list = [FullSpec()] * n
+    for i in mapping_order(n, order, best)[:count]:
+        j = int(best[i].argmax())
+        specs[i] = MappedSpec(j, "reference", tuple(int(h) for h in heads[i, :, j].argmax(-1)))
+    return Plan(specs, base_model)

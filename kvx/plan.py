@@ -198,7 +198,7 @@ class Plan:
     def reference(self) -> dict | None:
         """The reference model that mapped layers borrow attention from (``meta["reference"]``:
         its name, config, per-layer plan and cache geometry), or None when no layer does."""
-        if not any(s.kind == "mapped" and s.model == "reference" for s in self.layers):
+        if not any(getattr(s, "uses_reference", False) for s in self.layers):
             return None
         return self.meta.get("reference")
 

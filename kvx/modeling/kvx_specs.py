@@ -187,6 +187,11 @@ class MappedSpec:
             heads = [heads]
         object.__setattr__(self, "heads", tuple(int(h) for h in (heads or ())))
 
+    @property
+    def uses_reference(self) -> bool:
+        """The layer needs a second model run beside this one (whose cache the plan counts)."""
+        return self.model == "reference"
+
     def cached_floats(self, geom: CacheGeometry, layer: int | None = None) -> int:
         return geom.n_kv_heads * geom.head_dim
 

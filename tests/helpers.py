@@ -57,6 +57,15 @@ RELOAD_WITHOUT_KVX = textwrap.dedent(
 )
 
 
+def assert_same_function(a, b, ids: torch.Tensor, atol: float = 1e-4) -> None:
+    """``a`` and ``b`` (cast to float64 in place) give the same logits on ``ids``. A real model in
+    float32 is only as exact as the CPU's kernels: SmolLM2's own float32 logits differ from its
+    float64 ones by ~2e-4 on one CPU and less on another, so an exact conversion is judged in float64
+    (there ~2e-5 is left, the float32 rounding of the weights a conversion or export rewrote)."""
+    with torch.no_grad():
+        torch.testing.assert_close(a.double()(ids).logits, b.double()(ids).logits, atol=atol, rtol=0)
+
+
 def reload_many_without_kvx(checkpoints: list[Path], ids: torch.Tensor, pythonpath: Path | None = None) -> dict:
     """Load each checkpoint with ``trust_remote_code`` in one fresh interpreter without kvx (and,
     with ``pythonpath``, the transformers installed there in front); what each computed, by path."""

@@ -17,6 +17,7 @@ from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec, new_cach
 from kvx.modeling.kvx_common import cache_kwargs
 
 from .conftest import tiny_model
+from .helpers import assert_same_function
 from .test_mla import SMALL, _ids
 
 # Runtime behaviour: run again under the oldest transformers of the declared range (.ci/run).
@@ -106,9 +107,7 @@ def test_deepseek_export_of_smollm2(smollm2_dir, tmp_path, tokenizer):
     path = export_checkpoint(str(out), "deepseek")
     native = AutoModelForCausalLM.from_pretrained(path).eval()
     conv = kvx.load(str(out))
-    ids = _ids(tokenizer, n=64, batch=1)
-    with torch.no_grad():
-        assert_close(native(ids).logits, conv(ids).logits, atol=1e-4, rtol=0)
+    assert_same_function(native, conv, _ids(tokenizer, n=64, batch=1))
     with pytest.raises(KvxError, match="already exists"):
         export_checkpoint(str(out), "deepseek")
 

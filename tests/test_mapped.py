@@ -156,3 +156,31 @@ def test_profile_suggests_a_mapped_plan_that_convert_applies(tiny_dir, tmp_path)
     out = convert(str(src), tmp_path / "out", plan=Plan.load(tmp_path / "prof" / "plan.yaml"), calib="none")
     with torch.no_grad():
         assert_close(kvx.load(out["out"])(IDS).logits, tiny_model("llama")(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_a_reference_compressed_by_kvx_serves_and_its_smaller_cache_counts(tiny_dir, tmp_path):
+    """The reference may be a kvx checkpoint: its unreferenced layer 0 as MLA. At full rank the
+    mapped model is still the original; at a low rank the reference's cache, and so the plan's
+    bytes, shrink, measured == spec, and decoding == prefill."""
+    src = tiny_dir("llama")
+    base = tiny_model("llama")
+    n = base.config.num_hidden_layers
+    with torch.no_grad():
+        want = base(IDS).logits
+    sizes = {}
+    for rank in ("full", 8):
+        ref = tmp_path / f"ref-{rank}"
+        convert(str(src), ref, kv_rank=rank, rope_dims="all" if rank == "full" else 4, layers="0", calib="none")
+        out = convert(str(src), tmp_path / f"out-{rank}", plan=_mapped_plan(n), reference=str(ref), calib="none")
+        assert out["kv"]["measured"] == out["kv"]["spec"]
+        model = kvx.load(str(out["out"]))
+        assert type(model.kvx_reference.layers[0].self_attn).__name__ == "MLAAttention"
+        steps, cache = _decode(model, IDS)
+        with torch.no_grad():
+            got = model(IDS).logits
+        assert_close(steps, got, atol=1e-4, rtol=0)
+        if rank == "full":
+            assert_close(got, want, atol=1e-4, rtol=0)
+        sizes[rank] = checked_nbytes(model, cache, IDS.shape[1])
+        assert sizes[rank] == kv_bytes_per_token_spec(model, IDS.shape[1]) * IDS.shape[1]
+    assert sizes[8] < sizes["full"]

@@ -40,7 +40,7 @@ def converted_parameter_names(model, plan, adapter) -> list[str]:
         f"{adapter.attention_prefix(i)}{module}."
         for i, spec in enumerate(plan.layers)
         for module in method_of(spec).trainable(spec, i)
-    )
+    ) + tuple(p for i, spec in enumerate(plan.layers) for p in method_of(spec).trainable_elsewhere(spec, i, adapter))
     # peft wraps the model (``base_model.model.`` in front), so a name contains the path rather than starts with it
     return [n for n, _ in model.named_parameters() if any(w in n for w in wanted)]
 

@@ -156,3 +156,8 @@ class Method:
         """Modules inside the layer's attention that ``kvx distill --train converted`` trains:
         the weights the conversion created (nothing for a layer that kept its weights)."""
         return ()
+
+    def trainable_elsewhere(self, spec, layer: int, adapter) -> tuple[str, ...]:
+        """Parameter-name prefixes outside the layer's own attention that distillation trains for it
+        (the attention a mapped layer borrows: its source's Q/K projections), as full names."""
+        return ()

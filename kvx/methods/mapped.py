@@ -154,6 +154,18 @@ class MappedMethod(Method):
     def trainable(self, spec: MappedSpec, layer: int | None = None) -> tuple[str, ...]:
         return ("v_proj", "o_proj")
 
+    def trainable_elsewhere(self, spec: MappedSpec, layer: int, adapter) -> tuple[str, ...]:
+        """With ``train_source``: the source layer's Q/K projections (and norms), in the reference
+        model inside the checkpoint or in this model; they change what every reader of that source sees."""
+        if not spec.train_source:
+            return ()
+        where = (
+            f"{REFERENCE}.layers.{spec.source}.self_attn."
+            if spec.uses_reference
+            else adapter.attention_prefix(spec.source)
+        )
+        return tuple(f"{where}{m}." for m in ("q_proj", "k_proj", "q_norm", "k_norm"))
+
 
 def _check_heads(spec: MappedSpec, layer: int, n_source_heads: int, whose: str) -> None:
     bad = [h for h in spec.heads if not 0 <= h < n_source_heads]

@@ -169,13 +169,15 @@ class MappedSpec:
     ``h * source_heads // heads``, the identity when the counts match). ``dynamic``: the map is
     chosen afresh at each prefill, as IAM does (the layer keeps its Q/K projections to compare
     its own attention of the prompt's last ``observe`` queries with every source head's, and
-    caches nothing of K); decoding reuses it."""
+    caches nothing of K); decoding reuses it. ``train_source``: distillation also trains the
+    source layer's Q/K projections (the attention it lends, to every layer that reads it)."""
 
     source: int
     model: str = "reference"
     heads: tuple[int, ...] = ()
     dynamic: bool = False
     observe: int = 64
+    train_source: bool = False
     kind: ClassVar[str] = "mapped"
     always_shown: ClassVar[tuple[str, ...]] = ("source", "model")
 

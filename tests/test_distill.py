@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,31 @@ def test_lora_trains_adapters_and_converted_weights_then_merges(student, tmp_pat
     assert not any("embed_tokens" in n or "norm" in n for n in changed)
     trained_on = token_windows(tokenizer, "bundled", "calib", 64 * 4 * 12, 64)
     assert _kl(out, src, trained_on) < 0.95 * _kl(mla, src, trained_on)
+
+
+def test_distill_trains_the_mapped_layers_and_the_reference_only_where_asked(tiny_dir, tmp_path):
+    """``kvx distill`` on a model mapped onto another (random) model: only the mapped layers' V/O
+    change, and the reference inside the checkpoint only where a layer asks ``train_source`` (the
+    Q/K projections of the reference layer it reads); its cache is still counted. (Whether it heals
+    is a real model's question: random tiny models' attention hardly matters.)"""
+    from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
+    from kvx.plan import FullSpec, MappedSpec, Plan
+
+    from .conftest import TINY_CONFIGS
+
+    src = tiny_dir("llama")
+    other = tmp_path / "other"  # the reference: another model of the same family and tokenizer
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((src / name).read_bytes())
+    plan = Plan([FullSpec(), MappedSpec(1, train_source=True), MappedSpec(0)])
+    mapped = convert(str(src), tmp_path / "mapped", plan=plan, reference=str(other), calib="none")["out"]
+    healed = tmp_path / "healed"
+    distill(str(mapped), healed, tokens=64 * 4 * 8, seq_len=64, batch_size=4, lr=3e-3, data="bundled")
+    before, after = checkpoint_tensors(Path(mapped)), checkpoint_tensors(healed)
+    changed = {n for n, t in before.items() if not torch.equal(t, after[n])}
+    mine = {f"model.layers.{i}.self_attn.{m}_proj.weight" for i in (1, 2) for m in "vo"}
+    assert changed == mine | {f"kvx_reference.layers.1.self_attn.{m}_proj.weight" for m in "qk"}
+    model, ids = kvx.load(str(healed)), torch.arange(5, 45)[None]
+    assert kv_bytes_per_token(model, ids) == kv_bytes_per_token_spec(model, ids.shape[1])

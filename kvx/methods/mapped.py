@@ -30,12 +30,8 @@ from ..progress import no_progress
 from .base import LayerInput, LayerOutput, Method, Option
 
 REFERENCE_KINDS = ("full", "mla", "streaming")  # what a reference model's layers may be (no model-level hooks)
-_DROPPED = {
-    "q_proj.": "the layer takes its source's attention probabilities",
-    "k_proj.": "the layer takes its source's attention probabilities",
-    "q_norm.": "the layer takes its source's attention probabilities",
-    "k_norm.": "the layer takes its source's attention probabilities",
-}
+ATTENTION_MODULES = ("q_proj", "k_proj", "q_norm", "k_norm")  # what makes a layer's attention probabilities
+_DROPPED = {f"{m}.": "the layer takes its source's attention probabilities" for m in ATTENTION_MODULES}
 
 
 def _mapped(plan, model: str | None = None) -> list[tuple[int, MappedSpec]]:
@@ -164,7 +160,7 @@ class MappedMethod(Method):
             if spec.uses_reference
             else adapter.attention_prefix(spec.source)
         )
-        return tuple(f"{where}{m}." for m in ("q_proj", "k_proj", "q_norm", "k_norm"))
+        return tuple(f"{where}{m}." for m in ATTENTION_MODULES)
 
 
 def _check_heads(spec: MappedSpec, layer: int, n_source_heads: int, whose: str) -> None:

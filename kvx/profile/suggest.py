@@ -179,17 +179,22 @@ def mapping_order(n: int, order: str, similarity: torch.Tensor) -> list[int]:
     return late + middle + [i for i in range(skip, n) if i not in late + middle]
 
 
-def suggest_mapped(heads: torch.Tensor, fraction: float, order: str, base_model: str | None = None) -> Plan:
+def suggest_mapped(
+    heads: torch.Tensor, fraction: float, order: str, base_model: str | None = None, model: str = "reference"
+) -> Plan:
     """Mapped layers for ``fraction`` of the model: each onto the reference layer whose heads are most
     like its own (``heads [L, H, L_ref, H_ref]``: cosine of flattened attention maps), each head onto
-    its most similar head there."""
+    its most similar head there. ``model="self"`` (``heads``: the model against itself): each onto the
+    most similar earlier layer that is not mapped (a source keeps its own attention)."""
     n = heads.shape[0]
     count = round(fraction * n)
     if not 1 <= count < n:
         raise KvxError(f"--mapped {fraction} maps {count} of {n} layers: give a share that maps 1..{n - 1}")
     best = heads.max(dim=-1).values.mean(dim=1)  # [L, L_ref]: each head's best match, averaged
     specs: list = [FullSpec()] * n
-    for i in mapping_order(n, order, best)[:count]:
-        j = int(best[i].argmax())
-        specs[i] = MappedSpec(j, "reference", tuple(int(h) for h in heads[i, :, j].argmax(-1)))
+    chosen = mapping_order(n, order, best)[:count]
+    for i in chosen:
+        sources = range(best.shape[1]) if model == "reference" else [j for j in range(i) if j not in chosen]
+        j = max(sources, key=lambda s: float(best[i, s]))  # the first of equals, as argmax
+        specs[i] = MappedSpec(j, model, tuple(int(h) for h in heads[i, :, j].argmax(-1)))
     return Plan(specs, base_model)

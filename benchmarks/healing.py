@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 SETTINGS = {4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims) on SmolLM2 (384 floats/layer)
+SHARED = {4: (80, 16), 8: (40, 8)}  # the same cuts with one RoPE key shared by the 3 KV heads (`--layout shared`)
 FIT = 100  # layer-wise fitting steps (one calibration window each)
 BIBLE = {"calib": "bundled", "fit_steps": 0}  # kvx 0.1's calibration: the bundled text, no fitting
 ROWS = {  # id -> (label, kvx convert options)
@@ -44,6 +45,26 @@ ROWS = {  # id -> (label, kvx convert options)
     "fit-mix": (
         "best + fitting, own text + bundled (the new default)",
         {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled"},
+    ),
+    "fit-mix-high": (
+        "the default, high-frequency RoPE pairs",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "rope_select": "high"},
+    ),
+    "fit-mix-shared": (
+        "the default, one shared RoPE key (high-frequency)",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "layout": "shared"},
+    ),
+    "fit-mix-shared-uniform": (
+        "the default, one shared RoPE key (uniform stride)",
+        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "layout": "shared", "rope_select": "uniform"},
+    ),
+    "fit-mix-300": (
+        "the default, 300 fitting steps",
+        {"init": "best", "fit_steps": 3 * FIT, "calib": "teacher+bundled"},
+    ),
+    "fit-mix-shared-300": (
+        "the default, one shared RoPE key, 300 fitting steps",
+        {"init": "best", "fit_steps": 3 * FIT, "calib": "teacher+bundled", "layout": "shared"},
     ),
     # Uneven per-layer sizes from `kvx profile` (its plan replaces the uniform kv_rank/rope_dims), then the default.
     "plan-spectrum": (
@@ -101,8 +122,10 @@ def _converted(a, conv: Path, windows: dict, **options) -> dict:
             allocate=options.pop("allocate"),
         )
         options["plan"] = where / "plan.yaml"
-    convert("smollm2-135m", conv, overwrite=True, **options)
+    result = convert("smollm2-135m", conv, overwrite=True, **options)
     row = {"convert_s": time.perf_counter() - t0, "ppl0": _ppl(conv, windows)}
+    # each layer's relative attention-output error on the held-out window, initialised and fitted
+    row["layer_errors"] = [[r.error_init, r.error_fitted] for r in result["layers"].values()]
     record.write_text(json.dumps(row))
     return row
 
@@ -122,10 +145,10 @@ def quality(a, out: Path) -> list[dict]:
     sampled_s = time.perf_counter() - t0
     rows = []
     for ratio in (int(r) for r in a.ratios.split(",")):
-        rank, rope = SETTINGS[ratio]
         for key, (label, opts) in ROWS.items():
             if a.rows != "all" and key not in a.rows.split(","):
                 continue
+            rank, rope = (SHARED if opts.get("layout") == "shared" else SETTINGS)[ratio]
             name = f"x{ratio}-" + "-".join(f"{k}={v}" for k, v in opts.items())
             conv = out / name
             base_row = _converted(a, conv, windows, loaded=base, kv_rank=rank, rope_dims=rope, **opts)
@@ -172,7 +195,7 @@ def quality(a, out: Path) -> list[dict]:
     print(
         "Conversion: 16384 calibration tokens (the bundled Old Testament unless the row says otherwise: 'own text' is "
         f"text the model writes itself, `--calib teacher`, sampled once in {sampled_s:.0f} s, 0 s if it was cached, "
-        f"and not counted in the rows), 2norm RoPE pairs, layer-wise fitting {FIT} steps. "
+        f"and not counted in the rows), 2norm RoPE pairs per KV head and layer-wise fitting {FIT} steps unless the row says otherwise. "
         "Distillation: `kvx distill`, "
         "KL from the original on the row's text (`--data`), converted weights only, "
         f"lr 3e-4, batches of {BATCH} x {SEQ}, "

@@ -32,6 +32,7 @@ SETTINGS = {4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims) on SmolLM
 SHARED = {4: (80, 16), 8: (40, 8)}  # the same cuts with one RoPE key shared by the 3 KV heads (`--layout shared`)
 FIT = 100  # layer-wise fitting steps (one calibration window each)
 BIBLE = {"calib": "bundled", "fit_steps": 0}  # kvx 0.1's calibration: the bundled text, no fitting
+MIX = {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled"}  # the new default conversion
 ROWS = {  # id -> (label, kvx convert options)
     "pca": ("pca (kvx 0.1 default)", {**BIBLE, "init": "pca"}),
     "output": ("output-aware", {**BIBLE, "init": "output"}),
@@ -41,43 +42,43 @@ ROWS = {  # id -> (label, kvx convert options)
         "best + fitting, converted inputs",
         {**BIBLE, "init": "best", "fit_steps": FIT, "calib_inputs": "converted"},
     ),
-    "fit-teacher": ("best + fitting, own text", {"init": "best", "fit_steps": FIT, "calib": "teacher"}),
+    "fit-teacher": ("best + fitting, own text", {**MIX, "calib": "teacher"}),
     "fit-mix": (
         "best + fitting, own text + bundled (the new default)",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled"},
+        MIX,
     ),
     "fit-mix-high": (
         "the default, high-frequency RoPE pairs",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "rope_select": "high"},
+        {**MIX, "rope_select": "high"},
     ),
     "fit-mix-shared": (
         "the default, one shared RoPE key (high-frequency)",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "layout": "shared"},
+        {**MIX, "layout": "shared"},
     ),
     "fit-mix-shared-uniform": (
         "the default, one shared RoPE key (uniform stride)",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "layout": "shared", "rope_select": "uniform"},
+        {**MIX, "layout": "shared", "rope_select": "uniform"},
     ),
     "fit-mix-300": (
         "the default, 300 fitting steps",
-        {"init": "best", "fit_steps": 3 * FIT, "calib": "teacher+bundled"},
+        {**MIX, "fit_steps": 3 * FIT},
     ),
     "fit-mix-shared-300": (
         "the default, one shared RoPE key, 300 fitting steps",
-        {"init": "best", "fit_steps": 3 * FIT, "calib": "teacher+bundled", "layout": "shared"},
+        {**MIX, "fit_steps": 3 * FIT, "layout": "shared"},
     ),
     # Uneven per-layer sizes from `kvx profile` (its plan replaces the uniform kv_rank/rope_dims), then the default.
     "plan-spectrum": (
         "profile plan, sized by spectra, + the default",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "spectrum"},
+        {**MIX, "allocate": "spectrum"},
     ),
     "plan-output": (
         "profile plan, sized by output error, + the default",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "output"},
+        {**MIX, "allocate": "output"},
     ),
     "plan-loss": (
         "profile plan, sized by final KL, + the default",
-        {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled", "allocate": "loss"},
+        {**MIX, "allocate": "loss"},
     ),
 }
 TEXTS = ("bundled", "wiki")

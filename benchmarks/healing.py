@@ -196,8 +196,8 @@ def quality(a, out: Path) -> list[dict]:
     print(
         "Conversion: 16384 calibration tokens (the bundled Old Testament unless the row says otherwise: 'own text' is "
         f"text the model writes itself, `--calib teacher`, sampled once in {sampled_s:.0f} s, 0 s if it was cached, "
-        f"and not counted in the rows), 2norm RoPE pairs per KV head and layer-wise fitting {FIT} steps "
-        "unless the row says otherwise. "
+        "and not counted in the rows), 2norm RoPE pairs per KV head (high-frequency ones for a shared key) "
+        f"and layer-wise fitting {FIT} steps unless the row says otherwise. "
         "Distillation: `kvx distill`, "
         "KL from the original on the row's text (`--data`), converted weights only, "
         f"lr 3e-4, batches of {BATCH} x {SEQ}, "

@@ -67,6 +67,14 @@ ROWS = {  # id -> (label, kvx convert options)
         "the default, one shared RoPE key, 300 fitting steps",
         {**MIX, "fit_steps": 3 * FIT, "layout": "shared"},
     ),
+    "fit-mix-shared-300-q": (
+        "the default, one shared RoPE key, 300 fitting steps, queries fitted too",
+        {**MIX, "fit_steps": 3 * FIT, "layout": "shared", "fit_also": "q_proj"},
+    ),
+    "fit-mix-shared-300-qo": (
+        "the default, one shared RoPE key, 300 fitting steps, queries and output fitted too",
+        {**MIX, "fit_steps": 3 * FIT, "layout": "shared", "fit_also": "q_proj,o_proj"},
+    ),
     # Uneven per-layer sizes from `kvx profile` (its plan replaces the uniform kv_rank/rope_dims), then the default.
     "plan-spectrum": (
         "profile plan, sized by spectra, + the default",

@@ -62,6 +62,20 @@ def test_output_aware_init_beats_pca_and_fitting_never_hurts(family):
     assert any(r.error_fitted < r.error_init for r in records.values())  # and it does something
 
 
+def test_fitting_the_queries_too_trains_the_converted_copy_only():
+    """``--fit-also q_proj``: the converted layers' queries move, the original model's do not."""
+    base, adapter, plan, meta = _setup("llama")
+    before = [adapter.attention(base, i).q_proj.weight.clone() for i in range(adapter.n_layers)]
+    windows = torch.randint(0, 1000, (16, 64), generator=torch.Generator().manual_seed(2))
+    fit = FitSettings(steps=30, lr=1e-3, also=("q_proj",))
+    outputs, records = _walk(base, adapter, plan, meta, windows, fit=fit)
+    for i, q in enumerate(before):
+        assert torch.equal(adapter.attention(base, i).q_proj.weight, q)
+        assert records[i].error_fitted <= records[i].error_init
+    fitted = [i for i, r in records.items() if r.error_fitted < r.error_init]
+    assert fitted and all(not torch.equal(outputs[i].state["q_proj.weight"], before[i]) for i in fitted)
+
+
 def test_converted_inputs_calibrate_on_the_converted_stream():
     """GPTQ-style: from the second layer on, the statistics come from the converted layers' outputs."""
     base, adapter, plan, meta = _setup("llama")

@@ -13,6 +13,7 @@ from ..methods import DEFAULT_TARGET, get_method, shortcut_options
 from ..plan import parse_spec
 
 CALIB_INPUTS = ("original", "converted")
+FIT_ALSO = ("q_proj", "o_proj")  # original projections the layer-wise fitting may also train
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,21 @@ class ConvertConfig:
         "attention output on the calibration text (0: none). Never leaves a layer worse than its initialisation.",
     )
     fit_lr: float = opt(1e-3, "Learning rate of the layer-wise fitting.")
+    fit_also: str = opt(
+        "",
+        "Layer-wise fitting also trains these original projections of each fitted layer, comma-separated: "
+        "q_proj (queries learn to read the compressed keys), o_proj ('' : the new weights alone).",
+    )
     export: str | None = opt(
         None,
         "Also write OUT-native or OUT-deepseek: 'native' = base weights + transformers layer_types (full + sink-free "
         "streaming plans, Qwen2/Qwen3); 'deepseek' = DeepseekV3ForCausalLM (all-MLA, implies --layout deepseek).",
     )
     options: dict = opt({}, "Method shortcut options by name (kv_rank, rope_dims, sink, ...).", cli=False)
+
+    def fit_modules_also(self) -> tuple[str, ...]:
+        """``--fit-also`` as names, in the order given."""
+        return tuple(dict.fromkeys(n.strip() for n in self.fit_also.split(",") if n.strip()))
 
     @property
     def calibrated(self) -> bool:
@@ -88,6 +98,9 @@ class ConvertConfig:
             raise KvxError(f"--calib-inputs {self.calib_inputs!r}: choose {' or '.join(CALIB_INPUTS)}")
         if self.fit_steps < 0 or self.fit_lr <= 0:
             raise KvxError(f"--fit-steps must be >= 0 and --fit-lr > 0 (got {self.fit_steps}, {self.fit_lr})")
+        unknown = sorted(set(self.fit_modules_also()) - set(FIT_ALSO))
+        if unknown:
+            raise KvxError(f"--fit-also {','.join(unknown)}: choose from {', '.join(FIT_ALSO)}")
         if self.plan is not None:
             owners = shortcut_options()
             given = ["--to"] * (self.to != DEFAULT_TARGET) + ["--layers"] * (self.layers is not None)

@@ -218,7 +218,9 @@ def convert(
         "calib_tokens": cfg.calib_tokens if calibrated else 0,
     }
     if calibrated:
-        plan.meta["conversion"].update(calib_inputs=cfg.calib_inputs, fit_steps=cfg.fit_steps, options=options)
+        plan.meta["conversion"].update(
+            calib_inputs=cfg.calib_inputs, fit_steps=cfg.fit_steps, fit_also=list(cfg.fit_modules_also()), options=options
+        )
     plan.meta["source"] = str(Path(model).resolve()) if Path(model).exists() else model  # the default teacher
     meta = {"k_norm_eps": adapter.k_norm_eps()}
     dtype = next(p for p in base.parameters() if not p.is_meta).dtype
@@ -243,7 +245,7 @@ def convert(
             meta,
             emit,
             inputs=cfg.calib_inputs,
-            fit=FitSettings(cfg.fit_steps, cfg.fit_lr),
+            fit=FitSettings(cfg.fit_steps, cfg.fit_lr, cfg.fit_modules_also()),
             options=options,
             on_layer=progress("converting layer by layer", adapter.n_layers),
             store=stores,

@@ -37,10 +37,13 @@ from ..plan import Plan
 
 @dataclass
 class FitSettings:
-    """Layer-wise fitting: ``steps`` Adam steps on the layer's new weights alone (0: none)."""
+    """Layer-wise fitting: ``steps`` Adam steps on the layer's new weights (0: none), and on the
+    original projections named in ``also`` (``q_proj``, ``o_proj``): the queries can then learn to
+    read the compressed keys, and the output projection to undo what the latent lost."""
 
     steps: int = 0
     lr: float = 1e-3
+    also: tuple[str, ...] = ()
 
 
 @dataclass
@@ -129,7 +132,7 @@ def _convert_alone(method, spec, layer_in, attn, config, meta, batches, fit: Fit
     if calibrated and fit.steps and trainable:
         with torch.enable_grad():
             train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
-            _fit(module, trainable, xs[train], kws[train], ys[train], fit)
+            _fit(module, trainable + fit.also, xs[train], kws[train], ys[train], fit)
         fitted = attention_error(module, xs[held_out], kws[held_out], ys[held_out])
         record.error_fitted = min(fitted, record.error_init)
         if fitted <= record.error_init:  # fitting may never make the layer worse than its initialisation

@@ -56,6 +56,7 @@ def test_missing_model_path(tmp_path):
         (["--calib", "none", "--rope-select", "2norm"], "needs calibration data"),
         (["--layers", "7"], "outside 0..2"),
         (["--to", "lckv"], "not implemented yet"),
+        (["--fit-also", "q_proj,k_proj"], "--fit-also k_proj: choose from q_proj, o_proj"),
     ],
 )
 def test_impossible_options(tiny_dir, tmp_path, args, fragment):

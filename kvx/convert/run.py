@@ -219,7 +219,10 @@ def convert(
     }
     if calibrated:
         plan.meta["conversion"].update(
-            calib_inputs=cfg.calib_inputs, fit_steps=cfg.fit_steps, fit_also=list(cfg.fit_modules_also()), options=options
+            calib_inputs=cfg.calib_inputs,
+            fit_steps=cfg.fit_steps,
+            fit_also=list(cfg.fit_modules_also()),
+            options=options,
         )
     plan.meta["source"] = str(Path(model).resolve()) if Path(model).exists() else model  # the default teacher
     meta = {"k_norm_eps": adapter.k_norm_eps()}

@@ -20,6 +20,7 @@ layer and the calibration activations, whatever the depth.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class FitSettings:
     steps: int = 0
     lr: float = 1e-3
     also: tuple[str, ...] = ()
+    check: int = 25  # steps between two held-out measurements
 
 
 @dataclass
@@ -78,27 +80,44 @@ def _windows(xs, kwargs, ys) -> tuple[list, list, list]:
     return out
 
 
-def _fit(module, trainable: tuple[str, ...], xs, kwargs, ys, fit: FitSettings) -> None:
-    """Adam on the named submodules of ``module`` so that its output matches ``ys``, one calibration
-    window per step, the windows in turn."""
-    xs, kwargs, ys = _windows(xs, kwargs, ys)
+def _fit(module, trainable: tuple[str, ...], train: tuple, held: tuple, fit: FitSettings) -> float:
+    """Adam on the named submodules of ``module`` so that its output matches the targets, one
+    calibration window per step, the windows in turn, on a cosine schedule. Every ``fit.check``
+    steps the held-out error is measured and the best state so far kept; an error above the best
+    means the step is too large for this layer (seen on SmolLM2's top layers at 1e-3): the best
+    state comes back and the learning rate halves. The module ends in the best state, the
+    initialisation included, whose held-out error is returned."""
+    xs, kwargs, ys = _windows(*train)
     params = [p for n, p in module.named_parameters() if n.split(".")[0] in trainable]
     for p in module.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=fit.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, fit.steps)
+    best = (attention_error(module, *held), [p.detach().clone() for p in params])
+    scale = 1.0
     for step in range(fit.steps):
+        for group in opt.param_groups:
+            group["lr"] = scale * fit.lr * 0.5 * (1 + math.cos(math.pi * step / fit.steps))
         b = step % len(xs)
         y_hat = module(hidden_states=xs[b], **kwargs[b])[0]
         loss = (y_hat - ys[b]).pow(2).mean() / ys[b].pow(2).mean().clamp_min(1e-30)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
+        if (step + 1) % fit.check and step + 1 < fit.steps:
+            continue
+        err = attention_error(module, *held)
+        if err < best[0]:
+            best = (err, [p.detach().clone() for p in params])
+        else:
+            scale /= 2
+            with torch.no_grad():
+                for p, kept in zip(params, best[1]):
+                    p.copy_(kept)
     for p in params:
         p.requires_grad_(False)
+    return best[0]
 
 
 def _cache_bytes(module, runtime_layer, n_layers: int, idx: int, x, kw) -> int:
@@ -132,14 +151,11 @@ def _convert_alone(method, spec, layer_in, attn, config, meta, batches, fit: Fit
     if calibrated and fit.steps and trainable:
         with torch.enable_grad():
             train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
-            _fit(module, trainable + fit.also, xs[train], kws[train], ys[train], fit)
-        fitted = attention_error(module, xs[held_out], kws[held_out], ys[held_out])
-        record.error_fitted = min(fitted, record.error_init)
-        if fitted <= record.error_init:  # fitting may never make the layer worse than its initialisation
+            held = (xs[held_out], kws[held_out], ys[held_out])
+            record.error_fitted = _fit(module, trainable + fit.also, (xs[train], kws[train], ys[train]), held, fit)
+        if record.error_fitted < record.error_init:
             state_fitted = {k: v.detach().clone() for k, v in module.state_dict().items()}
             chosen = LayerOutput(state_fitted, chosen.dropped, chosen.info)
-        else:
-            module = module_for(attn, spec, config, meta, chosen.state)
     return record, chosen, module
 
 

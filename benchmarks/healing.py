@@ -32,7 +32,9 @@ SETTINGS = {4: (60, 36), 8: (30, 18)}  # ratio -> (kv_rank, rope_dims) on SmolLM
 SHARED = {4: (80, 16), 8: (40, 8)}  # the same cuts with one RoPE key shared by the 3 KV heads (`--layout shared`)
 FIT = 100  # layer-wise fitting steps (one calibration window each)
 BIBLE = {"calib": "bundled", "fit_steps": 0}  # kvx 0.1's calibration: the bundled text, no fitting
-MIX = {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled"}  # the new default conversion
+# kvx convert's default of 2026-12-01 (since 2026-12-04 it fits 300 steps with q_proj,o_proj: fit-mix-300-qo);
+# a row that does not name fit_also fits the new weights alone (_converted pins it), as it did when first run
+MIX = {"init": "best", "fit_steps": FIT, "calib": "teacher+bundled"}
 ROWS = {  # id -> (label, kvx convert options)
     "pca": ("pca (kvx 0.1 default)", {**BIBLE, "init": "pca"}),
     "output": ("output-aware", {**BIBLE, "init": "output"}),
@@ -44,8 +46,16 @@ ROWS = {  # id -> (label, kvx convert options)
     ),
     "fit-teacher": ("best + fitting, own text", {**MIX, "calib": "teacher"}),
     "fit-mix": (
-        "best + fitting, own text + bundled (the new default)",
+        "best + fitting, own text + bundled (the default of 2026-12-01)",
         MIX,
+    ),
+    "fit-mix-qo": (
+        "the default, queries and output fitted too",
+        {**MIX, "fit_also": "q_proj,o_proj"},
+    ),
+    "fit-mix-300-qo": (
+        "the default, 300 fitting steps, queries and output fitted too (kvx convert's default now)",
+        {**MIX, "fit_steps": 3 * FIT, "fit_also": "q_proj,o_proj"},
     ),
     "fit-mix-high": (
         "the default, high-frequency RoPE pairs",
@@ -131,7 +141,7 @@ def _converted(a, conv: Path, windows: dict, **options) -> dict:
             allocate=options.pop("allocate"),
         )
         options["plan"] = where / "plan.yaml"
-    result = convert("smollm2-135m", conv, overwrite=True, **options)
+    result = convert("smollm2-135m", conv, overwrite=True, **{"fit_also": "none", **options})
     row = {"convert_s": time.perf_counter() - t0, "ppl0": _ppl(conv, windows)}
     # each layer's relative attention-output error on the held-out window, initialised and fitted
     row["layer_errors"] = [[r.error_init, r.error_fitted] for r in result["layers"].values()]

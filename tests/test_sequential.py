@@ -76,6 +76,24 @@ def test_fitting_the_queries_too_trains_the_converted_copy_only():
     assert fitted and all(not torch.equal(outputs[i].state["q_proj.weight"], before[i]) for i in fitted)
 
 
+def test_convert_fits_the_queries_by_default_and_none_keeps_them(tiny_dir, tmp_path):
+    """The checkpoint carries each fitted layer's own q_proj/o_proj; ``fit_also='none'`` writes the source's."""
+    src = tiny_dir("llama")
+    options = dict(kv_rank=8, rope_dims=8, calib_tokens=512, calib_seq_len=64, fit_steps=50)
+    source = kvx.load_model(str(src))[0].state_dict()
+    for fit_also, plan_says in (("q_proj,o_proj", ["q_proj", "o_proj"]), ("none", [])):
+        out = tmp_path / fit_also
+        result = convert(str(src), out, fit_also=fit_also, **options)
+        state = kvx.load(str(out)).state_dict()
+        fitted = [i for i, r in result["layers"].items() if r.error_fitted < r.error_init]
+        assert fitted
+        for i in fitted:
+            for name in ("q_proj", "o_proj"):
+                key = f"model.layers.{i}.self_attn.{name}.weight"
+                assert torch.equal(state[key], source[key]) == (not plan_says), key
+        assert result["plan"].meta["conversion"]["fit_also"] == plan_says
+
+
 def test_converted_inputs_calibrate_on_the_converted_stream():
     """GPTQ-style: from the second layer on, the statistics come from the converted layers' outputs."""
     base, adapter, plan, meta = _setup("llama")

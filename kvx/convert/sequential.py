@@ -35,6 +35,8 @@ from ..modeling.kvx_common import cache_kwargs, layer_nbytes
 from ..modeling.modeling_kvx import RUNTIMES
 from ..plan import Plan
 
+LOSSLESS = 1e-10  # a relative squared error below this is float32 round-off: nothing to fit (full-rank conversions)
+
 
 @dataclass
 class FitSettings:
@@ -148,7 +150,7 @@ def _convert_alone(method, spec, layer_in, attn, config, meta, batches, fit: Fit
             best = (err, label, candidate, module)
     record.error_init, record.chosen, chosen, module = best
     trainable = method.trainable(spec, layer_in.index)
-    if calibrated and fit.steps and trainable:
+    if calibrated and fit.steps and trainable and record.error_init > LOSSLESS:
         with torch.enable_grad():
             train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
             held = (xs[held_out], kws[held_out], ys[held_out])

@@ -81,9 +81,9 @@ def test_convert_fits_the_queries_by_default_and_none_keeps_them(tiny_dir, tmp_p
     src = tiny_dir("llama")
     options = dict(kv_rank=8, rope_dims=8, calib_tokens=512, calib_seq_len=64, fit_steps=50)
     source = kvx.load_model(str(src))[0].state_dict()
-    for fit_also, plan_says in (("q_proj,o_proj", ["q_proj", "o_proj"]), ("none", [])):
-        out = tmp_path / fit_also
-        result = convert(str(src), out, fit_also=fit_also, **options)
+    for given, plan_says in (({}, ["q_proj", "o_proj"]), ({"fit_also": "none"}, [])):
+        out = tmp_path / ("none" if given else "default")
+        result = convert(str(src), out, **given, **options)
         state = kvx.load(str(out)).state_dict()
         fitted = [i for i, r in result["layers"].items() if r.error_fitted < r.error_init]
         assert fitted

@@ -101,6 +101,7 @@ ROWS = {  # id -> (label, kvx convert options)
 }
 TEXTS = ("bundled", "wiki")
 BATCH, SEQ = 4, 256  # distillation batches: 1024 tokens per step
+LR = 3e-4  # the distillation learning rate of every row so far (kvx distill defaults to 1e-4)
 
 # One `kvx convert` in a launcher that reports its child's peak RSS (see mla_quality.py for why a launcher).
 LAUNCHER = (
@@ -177,8 +178,10 @@ def quality(a, out: Path) -> list[dict]:
                 print(json.dumps(base_row), file=sys.stderr, flush=True)
                 continue
             for data in a.distill_data.split(","):
-                row = {**base_row, "data": data, "ppl": dict(base_row["ppl"])}
+                lr = "" if a.distill_lr == LR else f", lr {a.distill_lr:g}"
+                row = {**base_row, "data": data + lr, "ppl": dict(base_row["ppl"])}
                 healed = out / f"{name}-healed" if data == "bundled" else out / f"{name}-healed-{data}"
+                healed = healed.with_name(healed.name + lr.replace(", lr ", "-lr"))
                 t0 = time.perf_counter()
                 distill(
                     str(conv),
@@ -187,7 +190,7 @@ def quality(a, out: Path) -> list[dict]:
                     tokens=max(budgets),
                     seq_len=SEQ,
                     batch_size=BATCH,
-                    lr=3e-4,
+                    lr=a.distill_lr,
                     eval_every=min(budgets) // (BATCH * SEQ),
                     eval_tokens=a.eval_tokens,
                     overwrite=True,
@@ -218,7 +221,7 @@ def quality(a, out: Path) -> list[dict]:
         f"and layer-wise fitting {FIT} steps unless the row says otherwise. "
         "Distillation: `kvx distill`, "
         "KL from the original on the row's text (`--data`), converted weights only, "
-        f"lr 3e-4, batches of {BATCH} x {SEQ}, "
+        f"lr {LR:g} unless the row says otherwise, batches of {BATCH} x {SEQ}, "
         "one run per distilled row evaluated as it passes each budget "
         "(so an earlier budget saw a learning rate scheduled for the largest).\n"
     )
@@ -303,6 +306,7 @@ def main() -> None:
     ap.add_argument(
         "--distill-data", default="bundled", help="training text of the distilled rows, comma-separated: one run each"
     )
+    ap.add_argument("--distill-lr", type=float, default=LR, help="the distillation's learning rate")
     ap.add_argument("--reuse", action="store_true", help="reuse conversions (and their scores) of an earlier run")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--rss-only", action="store_true")

@@ -178,10 +178,9 @@ def quality(a, out: Path) -> list[dict]:
                 print(json.dumps(base_row), file=sys.stderr, flush=True)
                 continue
             for data in a.distill_data.split(","):
-                lr = "" if a.distill_lr == LR else f", lr {a.distill_lr:g}"
-                row = {**base_row, "data": data + lr, "ppl": dict(base_row["ppl"])}
-                healed = out / f"{name}-healed" if data == "bundled" else out / f"{name}-healed-{data}"
-                healed = healed.with_name(healed.name + lr.replace(", lr ", "-lr"))
+                own_lr = a.distill_lr != LR  # named in the row's text and in its folder
+                row = {**base_row, "data": data + f", lr {a.distill_lr:g}" * own_lr, "ppl": dict(base_row["ppl"])}
+                healed = out / (f"{name}-healed" + f"-{data}" * (data != "bundled") + f"-lr{a.distill_lr:g}" * own_lr)
                 t0 = time.perf_counter()
                 distill(
                     str(conv),

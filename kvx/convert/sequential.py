@@ -82,13 +82,13 @@ def _windows(xs, kwargs, ys) -> tuple[list, list, list]:
     return out
 
 
-def _fit(module, trainable: tuple[str, ...], train: tuple, held: tuple, fit: FitSettings) -> float:
+def _fit(module, trainable: tuple[str, ...], train: tuple, held: tuple, held_error: float, fit: FitSettings) -> float:
     """Adam on the named submodules of ``module`` so that its output matches the targets, one
     calibration window per step, the windows in turn, on a cosine schedule. Every ``fit.check``
     steps the held-out error is measured and the best state so far kept; an error above the best
     means the step is too large for this layer (seen on SmolLM2's top layers at 1e-3): the best
     state comes back and the learning rate halves. The module ends in the best state, the
-    initialisation included, whose held-out error is returned."""
+    initialisation (whose held-out error is ``held_error``) included; that state's error is returned."""
     xs, kwargs, ys = _windows(*train)
     params = [p for n, p in module.named_parameters() if n.split(".")[0] in trainable]
     for p in module.parameters():
@@ -96,7 +96,7 @@ def _fit(module, trainable: tuple[str, ...], train: tuple, held: tuple, fit: Fit
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=fit.lr)
-    best = (attention_error(module, *held), [p.detach().clone() for p in params])
+    best = (held_error, [p.detach().clone() for p in params])
     scale = 1.0
     for step in range(fit.steps):
         for group in opt.param_groups:
@@ -140,11 +140,11 @@ def _convert_alone(method, spec, layer_in, attn, config, meta, batches, fit: Fit
     xs, kws, ys = batches
     calibrated = layer_in.stats is not None
     record = LayerRecord()
-    held_out = slice(len(xs) - 1, len(xs))
+    held = (xs[-1:], kws[-1:], ys[-1:])  # the last batch, never trained on
     best = None
     for label, candidate in method.convert_candidates(spec, layer_in).items():
         module = module_for(attn, spec, config, meta, candidate.state)
-        err = attention_error(module, xs[held_out], kws[held_out], ys[held_out]) if calibrated else 0.0
+        err = attention_error(module, *held) if calibrated else 0.0
         record.candidates[label] = err
         if best is None or err < best[0]:
             best = (err, label, candidate, module)
@@ -152,9 +152,10 @@ def _convert_alone(method, spec, layer_in, attn, config, meta, batches, fit: Fit
     trainable = method.trainable(spec, layer_in.index)
     if calibrated and fit.steps and trainable and record.error_init > LOSSLESS:
         with torch.enable_grad():
-            train = slice(0, max(1, len(xs) - 1))  # the last batch stays held out
-            held = (xs[held_out], kws[held_out], ys[held_out])
-            record.error_fitted = _fit(module, trainable + fit.also, (xs[train], kws[train], ys[train]), held, fit)
+            train = slice(0, max(1, len(xs) - 1))  # the held-out batch too when it is the only one
+            record.error_fitted = _fit(
+                module, trainable + fit.also, (xs[train], kws[train], ys[train]), held, record.error_init, fit
+            )
         if record.error_fitted < record.error_init:
             state_fitted = {k: v.detach().clone() for k, v in module.state_dict().items()}
             chosen = LayerOutput(state_fitted, chosen.dropped, chosen.info)

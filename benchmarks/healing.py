@@ -101,7 +101,8 @@ ROWS = {  # id -> (label, kvx convert options)
 }
 TEXTS = ("bundled", "wiki")
 BATCH, SEQ = 4, 256  # distillation batches: 1024 tokens per step
-LR = 3e-4  # the distillation learning rate of every row so far (kvx distill defaults to 1e-4)
+LR = 3e-4  # the distillation learning rate of the first rows (kvx distill defaults to 1e-4)
+DISTILL = {"train": "converted", "also": "none"}  # what the first rows' distillation trained
 
 # One `kvx convert` in a launcher that reports its child's peak RSS (see mla_quality.py for why a launcher).
 LAUNCHER = (
@@ -177,10 +178,15 @@ def quality(a, out: Path) -> list[dict]:
                 rows.append(base_row)
                 print(json.dumps(base_row), file=sys.stderr, flush=True)
                 continue
+            # what differs from the first runs' distillation is named in the row's text and in its folder
+            tweaks = {"lr": f"{a.distill_lr:g}"} if a.distill_lr != LR else {}
+            tweaks |= {k: v for k, v in (("train", a.distill_train), ("also", a.distill_also)) if v != DISTILL[k]}
             for data in a.distill_data.split(","):
-                own_lr = a.distill_lr != LR  # named in the row's text and in its folder
-                row = {**base_row, "data": data + f", lr {a.distill_lr:g}" * own_lr, "ppl": dict(base_row["ppl"])}
-                healed = out / (f"{name}-healed" + f"-{data}" * (data != "bundled") + f"-lr{a.distill_lr:g}" * own_lr)
+                row = {**base_row, "data": data + "".join(f", {k} {v}" for k, v in tweaks.items())}
+                row["ppl"] = dict(base_row["ppl"])
+                healed = out / (
+                    f"{name}-healed" + f"-{data}" * (data != "bundled") + "".join(f"-{k}{v}" for k, v in tweaks.items())
+                )
                 t0 = time.perf_counter()
                 distill(
                     str(conv),
@@ -190,6 +196,8 @@ def quality(a, out: Path) -> list[dict]:
                     seq_len=SEQ,
                     batch_size=BATCH,
                     lr=a.distill_lr,
+                    train=a.distill_train,
+                    train_also=a.distill_also,
                     eval_every=min(budgets) // (BATCH * SEQ),
                     eval_tokens=a.eval_tokens,
                     overwrite=True,
@@ -219,7 +227,7 @@ def quality(a, out: Path) -> list[dict]:
         "and not counted in the rows), 2norm RoPE pairs per KV head (high-frequency ones for a shared key) "
         f"and layer-wise fitting {FIT} steps unless the row says otherwise. "
         "Distillation: `kvx distill`, "
-        "KL from the original on the row's text (`--data`), converted weights only, "
+        "KL from the original on the row's text (`--data`), converted weights only unless the row says otherwise, "
         f"lr {LR:g} unless the row says otherwise, batches of {BATCH} x {SEQ}, "
         "one run per distilled row evaluated as it passes each budget "
         "(so an earlier budget saw a learning rate scheduled for the largest).\n"
@@ -306,6 +314,8 @@ def main() -> None:
         "--distill-data", default="bundled", help="training text of the distilled rows, comma-separated: one run each"
     )
     ap.add_argument("--distill-lr", type=float, default=LR, help="the distillation's learning rate")
+    ap.add_argument("--distill-train", default=DISTILL["train"], help="the distillation's --train")
+    ap.add_argument("--distill-also", default=DISTILL["also"], help="the distillation's --train-also")
     ap.add_argument("--reuse", action="store_true", help="reuse conversions (and their scores) of an earlier run")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--rss-only", action="store_true")

@@ -36,6 +36,24 @@ def int_list(text: str | None) -> list[int] | None:
         raise KvxError(f"expected token counts like '4096,8192', not {text!r}") from None
 
 
+# A converted layer's own copies of these original projections may train with its new weights
+# (the layer-wise fitting's --fit-also, the distillation's --train-also): the queries learn to
+# read the compressed keys, the output projection to read the reconstructed values.
+ALSO_TRAINABLE = ("q_proj", "o_proj")
+
+
+def also_trainable(text: str, flag: str) -> tuple[str, ...]:
+    """``"q_proj,o_proj"`` -> the names, in the order given; ``none`` (or nothing) -> ``()``.
+    A name outside ``ALSO_TRAINABLE`` is a one-line error naming ``flag``."""
+    from .errors import KvxError
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip() and n.strip().lower() != "none"))
+    unknown = sorted(set(names) - set(ALSO_TRAINABLE))
+    if unknown:
+        raise KvxError(f"{flag} {','.join(unknown)}: choose from {', '.join(ALSO_TRAINABLE)} (or none)")
+    return names
+
+
 def accepts(hint, value) -> bool:
     """Does ``value`` (parsed YAML) fit the type ``hint`` of a config field?"""
     origin = typing.get_origin(hint)

@@ -157,6 +157,29 @@ def test_lora_trains_adapters_and_converted_weights_then_merges(student, tmp_pat
     assert _kl(out, src, trained_on) < 0.95 * _kl(mla, src, trained_on)
 
 
+def test_train_also_adds_the_converted_layers_own_projections(tiny_dir, tmp_path):
+    """``--train-also q_proj,o_proj`` trains the converted layer's query/output projections with its
+    new weights; the layer that kept its KV keeps every weight; the plan records it; bad use refused."""
+    src = tiny_dir("llama")
+    mla = tmp_path / "mla"
+    convert(str(src), mla, kv_rank=4, rope_dims=4, layers="1", calib_tokens=1024, calib_seq_len=128)
+    out = tmp_path / "healed"
+    distill(str(mla), out, tokens=64 * 4 * 2, train_also="q_proj,o_proj", **TRAIN)
+    before, after = checkpoint_tensors(mla), checkpoint_tensors(out)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {n for n in changed if ".q_proj." in n or ".o_proj." in n} == {
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    }
+    assert changed and all(n.startswith("model.layers.1.self_attn.") for n in changed)
+    assert kvx.load(str(out)).config.kvx["distillation"]["train_also"] == ["q_proj", "o_proj"]
+    with pytest.raises(KvxError, match="--train-also k_proj: choose from q_proj, o_proj"):
+        distill(str(mla), tmp_path / "a", tokens=1024, train_also="k_proj", **TRAIN)
+    with pytest.raises(KvxError, match="--train all trains them"):
+        distill(str(mla), tmp_path / "b", tokens=1024, train="all", train_also="q_proj", **TRAIN)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_distill_trains_the_mapped_layers_and_the_reference_only_where_asked(tiny_dir, tmp_path):
     """``kvx distill`` on a model mapped onto another (random) model: only the mapped layers' V/O
     change, and the reference inside the checkpoint only where a layer asks ``train_source`` (the

@@ -7,13 +7,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import accepts, config_fields, opt, type_name
+from ..config import accepts, also_trainable, config_fields, opt, type_name
 from ..errors import KvxError
 from ..methods import DEFAULT_TARGET, get_method, shortcut_options
 from ..plan import parse_spec
 
 CALIB_INPUTS = ("original", "converted")
-FIT_ALSO = ("q_proj", "o_proj")  # original projections the layer-wise fitting may also train
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,7 @@ class ConvertConfig:
 
     def fit_modules_also(self) -> tuple[str, ...]:
         """``--fit-also`` as names, in the order given."""
-        names = (n.strip() for n in self.fit_also.split(",") if n.strip())
-        return tuple(dict.fromkeys(n for n in names if n.lower() != "none"))
+        return also_trainable(self.fit_also, "--fit-also")
 
     @property
     def calibrated(self) -> bool:
@@ -102,9 +100,7 @@ class ConvertConfig:
             raise KvxError(f"--calib-inputs {self.calib_inputs!r}: choose {' or '.join(CALIB_INPUTS)}")
         if self.fit_steps < 0 or self.fit_lr <= 0:
             raise KvxError(f"--fit-steps must be >= 0 and --fit-lr > 0 (got {self.fit_steps}, {self.fit_lr})")
-        unknown = sorted(set(self.fit_modules_also()) - set(FIT_ALSO))
-        if unknown:
-            raise KvxError(f"--fit-also {','.join(unknown)}: choose from {', '.join(FIT_ALSO)}")
+        self.fit_modules_also()
         if self.plan is not None:
             owners = shortcut_options()
             given = ["--to"] * (self.to != DEFAULT_TARGET) + ["--layers"] * (self.layers is not None)

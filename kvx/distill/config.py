@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import opt
+from ..config import also_trainable, opt
 from ..errors import KvxError
 from ..generate import mix_parts
 from .losses import LOSSES
@@ -29,6 +29,11 @@ class DistillConfig:
     temperature: float = opt(1.0, "Softmax temperature of the KL.")
     loss: str = opt("kl", "kl | kl+ce | kl+hidden.")
     train: str = opt("converted", "converted (only weights the conversion created) | all | lora.")
+    train_also: str = opt(
+        "none",
+        "With --train converted or lora: original projections of each converted layer that train too, "
+        "comma-separated (q_proj, o_proj, as the conversion's --fit-also); 'none' for the converted weights alone.",
+    )
     eval_every: int = opt(0, "Evaluation perplexity every K steps (0: only at the end).")
     eval_tokens: int = opt(4096, "Tokens of each evaluation text's windows.")
     eval_data: str = opt(
@@ -48,11 +53,18 @@ class DistillConfig:
     lora_rank: int = opt(8, "LoRA rank for --train lora.")
     seed: int = opt(0, "Seed of the data order and sampling.")
 
+    def modules_also(self) -> tuple[str, ...]:
+        return also_trainable(self.train_also, "--train-also")
+
     def check(self) -> None:
         if self.loss not in LOSSES:
             raise KvxError(f"unknown --loss {self.loss!r} (choose from {', '.join(LOSSES)})")
         if self.train not in TRAIN_MODES:
             raise KvxError(f"unknown --train {self.train!r} (choose from {', '.join(TRAIN_MODES)})")
+        if self.modules_also() and self.train == "all":
+            raise KvxError(
+                "--train-also names projections to add to --train converted or lora; --train all trains them"
+            )
         if self.lora_rank < 1:
             raise KvxError(f"--lora-rank {self.lora_rank} must be at least 1")
         if self.tokens < self.batch_size * self.seq_len * self.grad_accum:

@@ -32,23 +32,27 @@ def with_lora(model, targets: list[str], rank: int):
     return get_peft_model(model, config)
 
 
-def converted_parameter_names(model, plan, adapter) -> list[str]:
-    """Names of the parameters each layer's method says distillation trains (``Method.trainable``)."""
+def converted_parameter_names(model, plan, adapter, also: tuple[str, ...] = ()) -> list[str]:
+    """Names of the parameters each layer's method says distillation trains (``Method.trainable``),
+    plus, in each layer that trains something, its own copies of the projections in ``also``."""
     from ..methods import method_of
 
+    def own(i: int, spec) -> tuple[str, ...]:
+        modules = method_of(spec).trainable(spec, i)
+        return modules + tuple(m for m in also if modules and m not in modules)
+
     wanted = tuple(
-        f"{adapter.attention_prefix(i)}{module}."
-        for i, spec in enumerate(plan.layers)
-        for module in method_of(spec).trainable(spec, i)
+        f"{adapter.attention_prefix(i)}{module}." for i, spec in enumerate(plan.layers) for module in own(i, spec)
     ) + tuple(p for i, spec in enumerate(plan.layers) for p in method_of(spec).trainable_elsewhere(spec, i, adapter))
     # peft wraps the model (``base_model.model.`` in front), so a name contains the path rather than starts with it
     return [n for n, _ in model.named_parameters() if any(w in n for w in wanted)]
 
 
-def select_trainable(model, mode: str, plan, adapter) -> list[torch.nn.Parameter]:
-    """``converted``: only what the conversion created (each method's ``trainable``); ``all``:
-    everything; ``lora``: the LoRA adapters (already in ``model``) plus what the conversion created."""
-    converted = set(converted_parameter_names(model, plan, adapter)) if mode in ("converted", "lora") else set()
+def select_trainable(model, mode: str, plan, adapter, also: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
+    """``converted``: only what the conversion created (each method's ``trainable``), plus the converted
+    layers' projections in ``also``; ``all``: everything; ``lora``: the LoRA adapters (already in
+    ``model``) plus what ``converted`` trains."""
+    converted = set(converted_parameter_names(model, plan, adapter, also)) if mode in ("converted", "lora") else set()
     for name, p in model.named_parameters():
         p.requires_grad_(mode == "all" or name in converted or (mode == "lora" and "lora_" in name))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -82,7 +86,7 @@ def run_distill(
     set_seed(cfg.seed)
     if cfg.train == "lora":
         student = with_lora(student, adapter.lora_targets(), cfg.lora_rank)
-    params = select_trainable(student, cfg.train, plan, adapter)
+    params = select_trainable(student, cfg.train, plan, adapter, cfg.modules_also())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     loader = DataLoader(TensorDataset(windows[order]), batch_size=cfg.batch_size, shuffle=False, drop_last=True)

@@ -113,12 +113,14 @@ def distill(
             "tokens": trained_tokens,
             "loss": cfg.loss,
             "train": cfg.train,
+            "train_also": list(cfg.modules_also()),
         }
         if getattr(trained.config, "kvx", None):
             trained.config.kvx = {**trained.config.kvx, "distillation": plan.meta["distillation"]}
         extra = {
-            "distillation": f"{trained_tokens} tokens of {data} from {teacher}, loss {cfg.loss}, trained {cfg.train}, "
-            f"{summary['seconds']:.0f} s",
+            "distillation": f"{trained_tokens} tokens of {data} from {teacher}, loss {cfg.loss}, trained {cfg.train}"
+            + "".join(f" + {m}" for m in cfg.modules_also())
+            + f", {summary['seconds']:.0f} s",
         }
         for text, r in summary["texts"].items():
             extra[f"perplexity on {text} (eval part)"] = (

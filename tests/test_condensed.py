@@ -167,6 +167,9 @@ def test_bad_plans_are_refused_before_any_work(family, layers, fragment, tiny_di
         convert(str(tiny_dir(family)), out, plan=Plan(layers), calib="none")
     assert fragment in str(e.value) and "\n" not in str(e.value)
     assert not out.exists()
+    with pytest.raises(KvxError) as e:  # the in-memory conversion checks the plan the same way
+        convert_model(tiny_model(family), Plan(layers))
+    assert fragment in str(e.value)
 
 
 def test_cli_converts_lckv_and_refuses_a_missing_source(tiny_dir, tmp_path):

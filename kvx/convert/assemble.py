@@ -68,9 +68,10 @@ def convert_model(base_model, plan: Plan, stats: dict | None = None, on_layer=No
     """``base_model`` converted per ``plan`` in memory (no checkpoint): every layer through its
     method, then assembled. ``stats``: calibration statistics by layer, where methods use them."""
     from ..arch import get_adapter
-    from ..methods import prepare_plan
+    from ..methods import check_plan, prepare_plan
 
     adapter = get_adapter(base_model.config)
+    check_plan(plan, adapter)  # as kvx convert does: a bad spec is its one-line error, not a shape error later
     prepare_plan(plan, adapter, options or {}, None)
     outputs = convert_layers(base_model, plan, adapter, stats or {}, on_layer, options)
     return assemble(base_model, plan, outputs, adapter, {"k_norm_eps": adapter.k_norm_eps()}), outputs

@@ -66,6 +66,29 @@ def assert_same_function(a, b, ids: torch.Tensor, atol: float = 1e-4) -> None:
         torch.testing.assert_close(a.double()(ids).logits, b.double()(ids).logits, atol=atol, rtol=0)
 
 
+def assert_batch_ops_follow_each_sequence(model, prompts: torch.Tensor, steps: torch.Tensor) -> None:
+    """Prefill two ``prompts``, then beam search's reorder and contrastive search's repeat and
+    select on the cache (rows 1, 0, 0 in the end), then decode ``steps`` (``[3, n]``) one token at
+    a time: the logits equal those of a fresh cache prefilled with the prompts in that order."""
+    from torch.testing import assert_close
+
+    from kvx.measure.kv import new_cache
+    from kvx.modeling.kvx_common import cache_kwargs
+
+    moved, fresh = new_cache(model), new_cache(model)
+    with torch.no_grad():
+        model(prompts, **cache_kwargs(model, moved))
+        moved.reorder_cache(torch.tensor([1, 0]))
+        moved.batch_repeat_interleave(2)  # rows 1, 1, 0, 0
+        moved.batch_select_indices(torch.tensor([0, 2, 3]))  # rows 1, 0, 0
+        model(prompts[[1, 0, 0]], **cache_kwargs(model, fresh))
+        for t in range(steps.shape[1]):
+            step = steps[:, t : t + 1]
+            assert_close(
+                model(step, **cache_kwargs(model, moved)).logits, model(step, **cache_kwargs(model, fresh)).logits
+            )
+
+
 def reload_many_without_kvx(checkpoints: list[Path], ids: torch.Tensor, pythonpath: Path | None = None) -> dict:
     """Load each checkpoint with ``trust_remote_code`` in one fresh interpreter without kvx (and,
     with ``pythonpath``, the transformers installed there in front); what each computed, by path."""

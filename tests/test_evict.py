@@ -18,6 +18,7 @@ from kvx.modeling.kvx_specs import POLICIES
 from kvx.plan import EvictSpec, FullSpec, MLASpec, Plan
 
 from .conftest import tiny_model
+from .helpers import assert_batch_ops_follow_each_sequence
 
 pytestmark = pytest.mark.runtime
 
@@ -120,6 +121,17 @@ def test_generate_with_eviction_and_a_batch():
         model(out, **cache_kwargs(model, cache))
     assert all(layer.keys.shape[-2] == spec.budget for layer in cache.layers[1:])
     checked_nbytes(model, cache, 90, batch=2)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_beam_search_moves_every_slot_and_score_past_the_budget(policy, offload):
+    """Prompts past the budget, decoding on past it, the batch reordered between: each sequence's
+    slots, positions, scores (and store) move with it; and ``generate`` with beams runs."""
+    _, model, _ = _evicting(policy, offload=offload)
+    assert_batch_ops_follow_each_sequence(model, torch.cat([IDS[:, :50], IDS[:, 60:110]]), IDS[0, :27].view(3, 9))
+    out = model.generate(IDS[:, :50], num_beams=3, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert out.shape == (1, 62)
 
 
 @pytest.mark.parametrize(

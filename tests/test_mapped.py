@@ -18,7 +18,7 @@ from kvx.modeling.kvx_common import cache_kwargs
 from kvx.plan import FullSpec, MappedSpec, Plan
 
 from .conftest import tiny_model
-from .helpers import reload_without_kvx
+from .helpers import assert_batch_ops_follow_each_sequence, reload_without_kvx
 
 pytestmark = pytest.mark.runtime
 IDS = torch.arange(5, 45)[None]
@@ -111,6 +111,27 @@ def test_dynamic_map_is_chosen_at_prefill_and_kept_while_decoding():
     static, _ = convert_model(base, Plan([FullSpec(), FullSpec(), MappedSpec(1, "self", tuple(chosen[0].tolist()))]))
     with torch.no_grad():
         assert_close(steps, static(IDS).logits, atol=1e-4, rtol=0)
+
+
+def test_beam_search_reorders_the_reference_cache_and_the_chosen_maps(tiny_dir, tmp_path):
+    """The reference model's cache (attached to the model's own) and a dynamic map chosen per
+    sequence move with their sequence when beam search reorders the batch."""
+    src = tiny_dir("llama")
+    n = tiny_model("llama").config.num_hidden_layers
+    plans = {"static": _mapped_plan(n, heads=(3, 1, 2, 0)), "dynamic": _mapped_plan(n, dynamic=True, observe=8)}
+    models = {
+        name: kvx.load(str(convert(str(src), tmp_path / name, plan=plan, reference=str(src), calib="none")["out"]))
+        for name, plan in plans.items()
+    }
+    for model in models.values():
+        assert_batch_ops_follow_each_sequence(model, torch.stack([IDS[0, :20], IDS[0, 20:]]), IDS[0, :6].view(3, 2))
+    # beam search with the caches == without (static map: a dynamic one is chosen afresh at each uncached step)
+    beams = dict(num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    static = models["static"]
+    assert (
+        static.generate(IDS[:, :12], **beams).tolist()
+        == static.generate(IDS[:, :12], use_cache=False, **beams).tolist()
+    )
 
 
 def test_refusals_before_any_work(tiny_dir, tmp_path):

@@ -4,8 +4,9 @@ Each spec goes on every layer of a tiny random model. Then: the spec round-trips
 text and YAML forms; conversion either works or is refused before anything is written; the
 checkpoint loads with kvx and without it (same logits, same cache bytes); measured cache bytes
 equal the plan's; token-by-token decoding equals the prefill; ``generate`` equals greedy
-decoding without a cache; one distillation step changes exactly what the method declares
-trainable; and every export either reproduces the model or refuses before writing.
+decoding without a cache, and so does beam search; the cache's batch operations move every
+sequence's state; one distillation step changes exactly what the method declares trainable;
+and every export either reproduces the model or refuses before writing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kvx.modeling.kvx_common import cache_kwargs
 from kvx.plan import Plan, parse_spec, spec_string
 
 from .conftest import FAMILIES, tiny_model
-from .helpers import reload_many_without_kvx
+from .helpers import assert_batch_ops_follow_each_sequence, reload_many_without_kvx
 from .specs import EXAMPLES
 
 pytestmark = pytest.mark.runtime
@@ -129,6 +130,13 @@ def test_converted_checkpoint_invariants(case, matrix, reloaded):
         for _ in range(5):
             seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert gen == seq[0].tolist()
+
+    # beam search through the cache == beam search recomputing every step without one
+    beams = dict(num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert (
+        model.generate(IDS[:, :12], **beams).tolist() == model.generate(IDS[:, :12], use_cache=False, **beams).tolist()
+    )
+    assert_batch_ops_follow_each_sequence(model, torch.stack([IDS[0, :20], IDS[0, 20:]]), IDS[0, :6].view(3, 2))
 
 
 @pytest.mark.parametrize("case", WORKING, ids=_case_id)

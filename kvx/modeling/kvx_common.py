@@ -91,7 +91,54 @@ def cache_layers(cache: Cache | None) -> list:
     return [*cache.layers, *(layer for other in cache.__dict__.get(ATTACHED, {}).values() for layer in other.layers)]
 
 
-class CountingLayer(DynamicLayer):
+class PerSequence:
+    """A cache layer whose state beyond K/V is indexed by sequence (dim 0): beam search reorders,
+    contrastive search repeats and selects the batch, and every such tensor must follow, or the
+    next step mixes one sequence's state with another's. ``per_sequence`` names those tensors;
+    tensors of fewer than 2 dims (positions shared by the batch, an empty placeholder) stay."""
+
+    per_sequence: tuple[str, ...] = ()
+
+    def _each_sequence_tensor(self, fn) -> None:
+        for name in ("keys", "values", *self.per_sequence):
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._each_sequence_tensor(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each_sequence_tensor(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._each_sequence_tensor(lambda t: t[indices])
+
+
+class KvxCache(Cache):
+    """transformers' ``Cache`` whose batch operations (beam search's reorder, contrastive
+    search's repeat and select) reach the caches attached to it too (a reference model's)."""
+
+    def _attached(self) -> list[Cache]:
+        return list(self.__dict__.get(ATTACHED, {}).values())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        for other in self._attached():
+            other.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        for other in self._attached():
+            other.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        for other in self._attached():
+            other.batch_select_indices(indices)
+
+
+class CountingLayer(PerSequence, DynamicLayer):
     """A cache layer that holds fewer tokens than it has seen (it keeps a window, or evicts):
     it counts the tokens itself, reports the mask sizes of a full layer (its attention masks by
     position itself) and counts only K/V as cache bytes (positions and scores are bookkeeping)."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .kvx_common import LayerRuntime, pop_cache, rotate_half_rope, sdpa, tensor_bytes
+from .kvx_common import LayerRuntime, PerSequence, pop_cache, rotate_half_rope, sdpa, tensor_bytes
 from .kvx_specs import CondensedSpec, spec_from_dict
 
 # --------------------------------------------------------------------------- cache layers
@@ -68,9 +68,10 @@ class SlidingSourceCacheLayer(_Shared, DynamicSlidingWindowLayer):
     pass
 
 
-class _Reader:
+class _Reader(PerSequence):
     """A reader's cache layer: holds no K/V, only counts tokens, so that masks and
-    ``get_seq_length`` see the layer as the full (or sliding) layer it replaces."""
+    ``get_seq_length`` see the layer as the full (or sliding) layer it replaces; beam search
+    finds nothing of its own to reorder."""
 
     def advance(self, n: int) -> None:
         self.cumulative_length = getattr(self, "cumulative_length", 0) + n

@@ -46,6 +46,8 @@ class EvictCacheLayer(CountingLayer):
     ``cur`` (the block-slot being written), all per sequence and KV head. The mask sizes it
     reports are those of a full layer; ``EvictAttention`` masks by ``pos`` itself."""
 
+    per_sequence = ("pos", "score", "blk", "cur", "hist")
+
     def __init__(self, spec: EvictSpec):
         super().__init__()
         self.spec = spec
@@ -204,6 +206,8 @@ class OffloadCacheLayer(EvictCacheLayer):
     pass over the whole store every ``refresh`` steps. ``nbytes``: the compute device's K/V
     (the budget); ``offloaded_nbytes``: the store's. On a CPU-only machine both are in the same
     RAM: the mode then saves attention compute, not memory."""
+
+    per_sequence = (*EvictCacheLayer.per_sequence, "store_k", "store_v", "store_score", "store_hist")
 
     store_device = "cpu"
 

@@ -79,6 +79,7 @@ class ValueCacheLayer(CountingLayer):
     chosen at prefill, ``[B, H]``, kept for decoding."""
 
     head_map: torch.Tensor | None = None
+    per_sequence = ("head_map",)
 
     def append(self, values: torch.Tensor) -> torch.Tensor:
         if not self.is_initialized:

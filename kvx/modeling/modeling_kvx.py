@@ -31,6 +31,7 @@ from .configuration_kvx import KVX_CONFIG_KEY, KvxConfig, base_config, kvx_confi
 from .kvx_common import (  # noqa: F401  (re-exported: the library and tests read them from here)
     NEW_CACHE_ARG,
     OLD_CACHE_ARG,
+    KvxCache,
     LayerRuntime,
     cache_arg,
     cache_kwargs,
@@ -97,7 +98,7 @@ def make_cache(config) -> Cache:
         _runtime(spec.kind).cache_layer(spec, config, layer_type == "sliding_attention", i)
         for i, (spec, layer_type) in enumerate(zip(kvx_layers(config), layer_types))
     ]
-    return Cache(layers=layers)
+    return KvxCache(layers=layers)
 
 
 def runtime_files() -> list[Path]:

@@ -181,6 +181,7 @@ def quality(a, out: Path) -> list[dict]:
             # what differs from the first runs' distillation is named in the row's text and in its folder
             tweaks = {"lr": f"{a.distill_lr:g}"} if a.distill_lr != LR else {}
             tweaks |= {k: v for k, v in (("train", a.distill_train), ("also", a.distill_also)) if v != DISTILL[k]}
+            tweaks |= {"seed": a.distill_seed} if a.distill_seed else {}  # a second run of a row: its noise
             for data in a.distill_data.split(","):
                 row = {**base_row, "data": data + "".join(f", {k} {v}" for k, v in tweaks.items())}
                 row["ppl"] = dict(base_row["ppl"])
@@ -198,6 +199,7 @@ def quality(a, out: Path) -> list[dict]:
                     lr=a.distill_lr,
                     train=a.distill_train,
                     train_also=a.distill_also,
+                    seed=a.distill_seed,
                     eval_every=min(budgets) // (BATCH * SEQ),
                     eval_tokens=a.eval_tokens,
                     overwrite=True,
@@ -314,6 +316,9 @@ def main() -> None:
         "--distill-data", default="bundled", help="training text of the distilled rows, comma-separated: one run each"
     )
     ap.add_argument("--distill-lr", type=float, default=LR, help="the distillation's learning rate")
+    ap.add_argument(
+        "--distill-seed", type=int, default=0, help="the distillation's data order (another: run-to-run noise)"
+    )
     ap.add_argument("--distill-train", default=DISTILL["train"], help="the distillation's --train")
     ap.add_argument("--distill-also", default=DISTILL["also"], help="the distillation's --train-also")
     ap.add_argument("--reuse", action="store_true", help="reuse conversions (and their scores) of an earlier run")

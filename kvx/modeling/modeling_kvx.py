@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
@@ -158,6 +159,9 @@ def kvx_class_for(config) -> type:
                 for field in (NEW_CACHE_ARG, OLD_CACHE_ARG):
                     if field in getattr(type(out), "__dataclass_fields__", {}):
                         setattr(out, field, None)
+                        # out of its keys too: generate (5.20) takes a key for a cache, beam search reorders None
+                        if field in out.keys():
+                            OrderedDict.__delitem__(out, field)
             return out
 
         def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

@@ -117,25 +117,20 @@ class PerSequence:
 
 class KvxCache(Cache):
     """transformers' ``Cache`` whose batch operations (beam search's reorder, contrastive
-    search's repeat and select) reach the caches attached to it too (a reference model's)."""
-
-    def _attached(self) -> list[Cache]:
-        return list(self.__dict__.get(ATTACHED, {}).values())
+    search's repeat and select) reach the layers of the caches attached to it too (a reference
+    model's): the layers ``cache_layers`` counts are the layers these move."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        super().reorder_cache(beam_idx)
-        for other in self._attached():
-            other.reorder_cache(beam_idx)
+        for layer in cache_layers(self):
+            layer.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int):
-        super().batch_repeat_interleave(repeats)
-        for other in self._attached():
-            other.batch_repeat_interleave(repeats)
+        for layer in cache_layers(self):
+            layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor):
-        super().batch_select_indices(indices)
-        for other in self._attached():
-            other.batch_select_indices(indices)
+        for layer in cache_layers(self):
+            layer.batch_select_indices(indices)
 
 
 class CountingLayer(PerSequence, DynamicLayer):
